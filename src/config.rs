@@ -1,0 +1,340 @@
+//! The TOML configuration: typed structs, the defaults (one place), and
+//! validation whose errors name the file and the key. `muster serve` with
+//! no file runs on these defaults, on loopback only.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Everything muster can be told at start-up.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where the registry keeps its data.
+    pub data_dir: PathBuf,
+    /// Where `*.zone` files are read from; a missing folder means no static zones.
+    pub zones_dir: PathBuf,
+    pub dns: DnsConfig,
+    pub api: ApiConfig,
+    pub gateway: GatewayConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DnsConfig {
+    /// Each address is served over both UDP and TCP.
+    pub listen: Vec<SocketAddr>,
+    /// The zone registry names live under.
+    pub zone: String,
+    /// TTL of records built from the registry; short so clients follow changes.
+    #[serde(with = "duration")]
+    pub ttl: Duration,
+    /// SOA minimum of the registry zone: how long resolvers cache NXDOMAIN/NODATA.
+    #[serde(with = "duration")]
+    pub negative_ttl: Duration,
+    /// A TCP connection that sends no query for this long is closed.
+    #[serde(with = "duration")]
+    pub tcp_idle_timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewayConfig {
+    pub enabled: bool,
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A `tracing` filter (`info`, `muster=debug,warn`); `RUST_LOG` wins.
+    pub level: String,
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("./data"),
+            zones_dir: PathBuf::from("./zones"),
+            dns: DnsConfig::default(),
+            api: ApiConfig::default(),
+            gateway: GatewayConfig::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        Self {
+            listen: vec![SocketAddr::from(([127, 0, 0, 1], 8600))],
+            zone: "svc.internal.".into(),
+            ttl: Duration::from_secs(5),
+            negative_ttl: Duration::from_secs(5),
+            tcp_idle_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8500)),
+        }
+    }
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+/// A configuration that cannot be used, with where and why.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: cannot read: {source}")]
+    Read {
+        file: String,
+        source: std::io::Error,
+    },
+    #[error("{file}{line}: key `{key}`: {message}", line = line.map(|l| format!(":{l}")).unwrap_or_default())]
+    Invalid {
+        file: String,
+        line: Option<usize>,
+        key: String,
+        message: String,
+    },
+}
+
+impl ConfigError {
+    /// The dotted key the error is about.
+    pub fn key(&self) -> Option<&str> {
+        match self {
+            Self::Read { .. } => None,
+            Self::Invalid { key, .. } => Some(key),
+        }
+    }
+}
+
+impl Config {
+    /// Reads and validates the file at `path`.
+    pub fn read(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: path.display().to_string(),
+            source,
+        })?;
+        Self::from_toml(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates `text`; `file` only labels errors.
+    pub fn from_toml(text: &str, file: &str) -> Result<Self, ConfigError> {
+        let deserializer =
+            toml::de::Deserializer::parse(text).map_err(|e| ConfigError::Invalid {
+                file: file.into(),
+                line: e.span().map(|s| line_of(text, s.start)),
+                key: String::new(),
+                message: e.message().to_string(),
+            })?;
+        let config: Config = serde_path_to_error::deserialize(deserializer).map_err(|e| {
+            let key = crate::field_path::field_of(&e.path().to_string(), e.inner().message())
+                .unwrap_or_default();
+            ConfigError::Invalid {
+                file: file.into(),
+                line: e.inner().span().map(|s| line_of(text, s.start)),
+                key,
+                message: e.inner().message().to_string(),
+            }
+        })?;
+        config
+            .validate()
+            .map_err(|(key, message)| ConfigError::Invalid {
+                file: file.into(),
+                line: None,
+                key: key.into(),
+                message,
+            })?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        if self.dns.listen.is_empty() {
+            return Err(("dns.listen", "needs at least one address".into()));
+        }
+        validate_zone(&self.dns.zone).map_err(|m| ("dns.zone", m))?;
+        whole_seconds(self.dns.ttl).map_err(|m| ("dns.ttl", m))?;
+        whole_seconds(self.dns.negative_ttl).map_err(|m| ("dns.negative_ttl", m))?;
+        if self.dns.tcp_idle_timeout.is_zero() {
+            return Err(("dns.tcp_idle_timeout", "must be more than 0".into()));
+        }
+        tracing_subscriber::EnvFilter::builder()
+            .parse(&self.log.level)
+            .map_err(|e| ("log.level", format!("{:?}: {e}", self.log.level)))?;
+        Ok(())
+    }
+
+    /// The registry zone as an absolute, lowercase name (`svc.internal.`).
+    pub fn zone_fqdn(&self) -> String {
+        let zone = self.dns.zone.trim_end_matches('.').to_ascii_lowercase();
+        format!("{zone}.")
+    }
+}
+
+/// DNS TTLs are whole seconds that fit in 31 bits (RFC 2181 §8).
+pub fn ttl_seconds(duration: Duration) -> u32 {
+    u32::try_from(duration.as_secs()).unwrap_or(i32::MAX as u32)
+}
+
+fn whole_seconds(duration: Duration) -> Result<(), String> {
+    if duration.subsec_nanos() != 0 {
+        return Err("DNS TTLs are whole seconds".into());
+    }
+    if duration.as_secs() > i32::MAX as u64 {
+        return Err("longer than a DNS TTL can be (2^31 - 1 s)".into());
+    }
+    Ok(())
+}
+
+fn validate_zone(zone: &str) -> Result<(), String> {
+    let trimmed = zone.strip_suffix('.').unwrap_or(zone);
+    if trimmed.is_empty() {
+        return Err("must name a zone, not the root".into());
+    }
+    for label in trimmed.split('.') {
+        crate::registry::validate::dns_label("dns.zone", label).map_err(|e| e.message)?;
+    }
+    Ok(())
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+/// Durations written as `"5s"`, `"500ms"`, `"1m"`.
+mod duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, de::Error};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        humantime::parse_duration(&text).map_err(|e| {
+            D::Error::custom(format!(
+                "{text:?} is not a duration like \"5s\" or \"500ms\" ({e})"
+            ))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn invalid(text: &str) -> ConfigError {
+        Config::from_toml(text, "test.toml").unwrap_err()
+    }
+
+    #[test]
+    fn empty_file_gives_loopback_defaults() {
+        let config = Config::from_toml("", "test.toml").unwrap();
+        assert_eq!(config, Config::default());
+        assert_eq!(config.dns.listen[0].to_string(), "127.0.0.1:8600");
+        assert_eq!(config.api.listen.to_string(), "127.0.0.1:8500");
+        assert_eq!(config.zone_fqdn(), "svc.internal.");
+    }
+
+    #[test]
+    fn every_key_can_be_set() {
+        let config = Config::from_toml(
+            r#"
+            data_dir = "/var/lib/muster"
+            zones_dir = "/etc/muster/zones"
+            [dns]
+            listen = ["127.0.0.1:53", "[::1]:53"]
+            zone = "Example.Internal"
+            ttl = "10s"
+            negative_ttl = "1m"
+            tcp_idle_timeout = "500ms"
+            [api]
+            listen = "127.0.0.1:9500"
+            [gateway]
+            enabled = false
+            listen = "127.0.0.1:9080"
+            [log]
+            level = "muster=debug,warn"
+            format = "json"
+            "#,
+            "test.toml",
+        )
+        .unwrap();
+        assert_eq!(config.dns.listen.len(), 2);
+        assert_eq!(config.dns.ttl, Duration::from_secs(10));
+        assert_eq!(config.dns.negative_ttl, Duration::from_secs(60));
+        assert_eq!(config.zone_fqdn(), "example.internal.");
+        assert!(!config.gateway.enabled);
+        assert_eq!(config.log.format, LogFormat::Json);
+    }
+
+    #[test]
+    fn unknown_keys_are_named_with_file_and_line() {
+        let error = invalid("[dns]\nzone = \"a.b\"\nttls = \"5s\"\n");
+        assert_eq!(error.key(), Some("dns.ttls"));
+        let text = error.to_string();
+        assert!(text.starts_with("test.toml:3: key `dns.ttls`"), "{text}");
+        assert_eq!(invalid("colour = 1").key(), Some("colour"));
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        assert_eq!(invalid("[dns]\nttl = \"soon\"").key(), Some("dns.ttl"));
+        assert_eq!(invalid("[dns]\nttl = \"1500ms\"").key(), Some("dns.ttl"));
+        assert_eq!(invalid("[dns]\nlisten = []").key(), Some("dns.listen"));
+        assert_eq!(
+            invalid("[dns]\nlisten = [\"nowhere\"]").key(),
+            Some("dns.listen[0]")
+        );
+        assert_eq!(
+            invalid("[dns]\nzone = \"bad_zone\"").key(),
+            Some("dns.zone")
+        );
+        assert_eq!(invalid("[dns]\nzone = \".\"").key(), Some("dns.zone"));
+        assert_eq!(invalid("[api]\nlisten = 8500").key(), Some("api.listen"));
+        assert_eq!(invalid("[log]\nformat = \"xml\"").key(), Some("log.format"));
+        assert_eq!(invalid("[log]\nlevel = \"=[\"").key(), Some("log.level"));
+    }
+
+    #[test]
+    fn syntax_errors_carry_the_line() {
+        let text = invalid("[dns]\nttl = \n").to_string();
+        assert!(text.starts_with("test.toml:2"), "{text}");
+    }
+}

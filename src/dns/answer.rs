@@ -1,0 +1,328 @@
+//! Turns one question into an answer: registry names from the current
+//! snapshot, everything else from the static zones. Pure and lock-free:
+//! it reads an immutable snapshot and never does I/O, so the UDP and TCP
+//! paths (and the benchmarks) share it.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use hickory_proto::op::{LowerQuery, ResponseCode};
+use hickory_proto::rr::rdata::{A, AAAA, SRV};
+use hickory_proto::rr::{DNSClass, LowerName, Name, RData, Record, RecordType};
+
+use super::names::{RegistryName, classify};
+use super::zones::{Lookup, StaticZone, ZoneSet};
+use crate::registry::{Endpoint, Instance, PortSelector, Registry, Service};
+
+/// The sections of a response, before encoding.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Answer {
+    pub rcode: ResponseCode,
+    pub authoritative: bool,
+    pub answers: Vec<Record>,
+    pub authorities: Vec<Record>,
+    pub additionals: Vec<Record>,
+}
+
+impl Answer {
+    /// An answer with no records.
+    pub fn error(rcode: ResponseCode) -> Self {
+        Self {
+            rcode,
+            authoritative: false,
+            answers: Vec::new(),
+            authorities: Vec::new(),
+            additionals: Vec::new(),
+        }
+    }
+}
+
+/// Records found for a name that exists; empty answers mean NODATA.
+#[derive(Debug, Default)]
+struct Found {
+    answers: Vec<Record>,
+    additionals: Vec<Record>,
+}
+
+/// How registry records are named and timed.
+#[derive(Debug, Clone)]
+pub struct RegistryZone {
+    /// The zone registry names live under, e.g. `svc.internal.`.
+    pub origin: Name,
+    /// TTL of registry records, seconds.
+    pub ttl: u32,
+    /// SOA minimum of the registry zone, seconds.
+    pub negative_ttl: u32,
+}
+
+/// The authoritative data muster serves: the registry overlaid on the
+/// static zones.
+pub struct Authority {
+    registry: Arc<Registry>,
+    zones: ZoneSet,
+    origin: Name,
+    lower_origin: LowerName,
+    ttl: u32,
+    /// Advances on every answer so clients see the records rotate.
+    rotation: AtomicUsize,
+}
+
+impl Authority {
+    /// `zones` may hold a static zone for the registry zone; if not, one
+    /// with a synthesized SOA and NS is added.
+    pub fn new(registry: Arc<Registry>, mut zones: ZoneSet, zone: RegistryZone) -> Self {
+        let lower_origin = LowerName::new(&zone.origin);
+        match zones.get_mut(&lower_origin) {
+            Some(existing) => existing.set_negative_ttl(zone.negative_ttl),
+            None => zones.insert(StaticZone::synthesized(&zone.origin, zone.negative_ttl)),
+        }
+        Self {
+            registry,
+            zones,
+            origin: zone.origin,
+            lower_origin,
+            ttl: zone.ttl,
+            rotation: AtomicUsize::new(0),
+        }
+    }
+
+    /// The origins of every zone served, the registry zone included.
+    pub fn origins(&self) -> impl Iterator<Item = &LowerName> {
+        self.zones.origins()
+    }
+
+    /// Answers `query` as an authoritative server.
+    pub fn answer(&self, query: &LowerQuery) -> Answer {
+        if query.query_class() != DNSClass::IN {
+            return Answer::error(ResponseCode::Refused);
+        }
+        let name = query.name();
+        let Some(zone) = self.zones.find(name) else {
+            return Answer::error(ResponseCode::Refused);
+        };
+        let found = if zone.origin() == &self.lower_origin {
+            self.from_registry(name, query.query_type())
+        } else {
+            None
+        };
+        match found {
+            Some(found) => positive(zone, found),
+            None => from_static(zone, name, query.query_type()),
+        }
+    }
+
+    /// `None` when the registry does not know the name.
+    fn from_registry(&self, name: &LowerName, rtype: RecordType) -> Option<Found> {
+        let relative = usize::from(name.num_labels() - self.lower_origin.num_labels());
+        let labels: Vec<&str> = name
+            .iter()
+            .take(relative)
+            .map(std::str::from_utf8)
+            .collect::<Result<_, _>>()
+            .ok()?;
+        let snapshot = self.registry.load();
+        let owner = Name::from(name);
+        match classify(&labels) {
+            RegistryName::Apex | RegistryName::Other => None,
+            RegistryName::Service(service) => {
+                let service = snapshot.service(service)?;
+                Some(self.service_records(service, &owner, rtype, &[]))
+            }
+            RegistryName::Tagged { service, tags } => {
+                let service = snapshot.service(service)?;
+                service.has_tagged(&tags).then(|| {
+                    if tags.is_empty() {
+                        Found::default()
+                    } else {
+                        self.service_records(service, &owner, rtype, &tags)
+                    }
+                })
+            }
+            RegistryName::Port {
+                service,
+                port,
+                protocol,
+            } => {
+                let service = snapshot.service(service)?;
+                if !service.has_named_port(port, protocol) {
+                    return None;
+                }
+                let endpoints = service.endpoints(PortSelector::Named(port, protocol), &[]);
+                Some(match rtype {
+                    RecordType::SRV | RecordType::ANY => self.srv(&owner, endpoints),
+                    _ => Found::default(),
+                })
+            }
+            RegistryName::ProtocolNode { service, protocol } => snapshot
+                .service(service)?
+                .has_protocol(protocol)
+                .then(Found::default),
+            RegistryName::Instance { service, instance } => {
+                let instance = snapshot.service(service)?.instance(instance)?;
+                Some(self.instance_records(instance, &owner, rtype))
+            }
+        }
+    }
+
+    fn service_records(
+        &self,
+        service: &Service,
+        owner: &Name,
+        rtype: RecordType,
+        tags: &[&str],
+    ) -> Found {
+        let endpoints = service.endpoints(PortSelector::Default, tags);
+        match rtype {
+            RecordType::SRV => self.srv(owner, endpoints),
+            RecordType::A | RecordType::AAAA | RecordType::ANY => Found {
+                answers: self.addresses(owner, rtype, endpoints.map(|e| e.instance.address)),
+                additionals: Vec::new(),
+            },
+            _ => Found::default(),
+        }
+    }
+
+    fn instance_records(&self, instance: &Instance, owner: &Name, rtype: RecordType) -> Found {
+        let addresses = instance.is_serving().then_some(instance.address);
+        Found {
+            answers: self.addresses(owner, rtype, addresses.into_iter()),
+            additionals: Vec::new(),
+        }
+    }
+
+    /// A and/or AAAA records (as `rtype` asks) for distinct addresses, rotated.
+    fn addresses(
+        &self,
+        owner: &Name,
+        rtype: RecordType,
+        addresses: impl Iterator<Item = IpAddr>,
+    ) -> Vec<Record> {
+        let mut wanted: Vec<IpAddr> = addresses
+            .filter(|ip| match rtype {
+                RecordType::A => ip.is_ipv4(),
+                RecordType::AAAA => ip.is_ipv6(),
+                RecordType::ANY => true,
+                _ => false,
+            })
+            .collect();
+        wanted.sort_unstable();
+        wanted.dedup();
+        self.rotate(&mut wanted);
+        wanted
+            .into_iter()
+            .map(|ip| address_record(owner.clone(), ip, self.ttl))
+            .collect()
+    }
+
+    /// SRV records for `endpoints`, rotated, with their targets' addresses
+    /// as additional records.
+    fn srv<'a>(&self, owner: &Name, endpoints: impl Iterator<Item = Endpoint<'a>>) -> Found {
+        let mut endpoints: Vec<Endpoint<'a>> = endpoints.collect();
+        self.rotate(&mut endpoints);
+        let mut found = Found::default();
+        for endpoint in endpoints {
+            let Some(target) = self.target(endpoint.instance) else {
+                continue;
+            };
+            let instance = endpoint.instance;
+            let srv = SRV::new(
+                instance.priority,
+                instance.weight,
+                endpoint.port,
+                target.clone(),
+            );
+            found
+                .answers
+                .push(Record::from_rdata(owner.clone(), self.ttl, RData::SRV(srv)));
+            found
+                .additionals
+                .push(address_record(target, instance.address, self.ttl));
+        }
+        found
+    }
+
+    /// `<instance>.<service>.<zone>`, the SRV target of an instance.
+    fn target(&self, instance: &Instance) -> Option<Name> {
+        Name::from_labels([instance.id.as_bytes(), instance.service.as_bytes()])
+            .and_then(|n| n.append_domain(&self.origin))
+            .ok()
+    }
+
+    fn rotate<T>(&self, items: &mut [T]) {
+        if items.len() > 1 {
+            let turn = self.rotation.fetch_add(1, Ordering::Relaxed);
+            items.rotate_left(turn % items.len());
+        }
+    }
+}
+
+fn address_record(owner: Name, ip: IpAddr, ttl: u32) -> Record {
+    let data = match ip {
+        IpAddr::V4(v4) => RData::A(A(v4)),
+        IpAddr::V6(v6) => RData::AAAA(AAAA(v6)),
+    };
+    Record::from_rdata(owner, ttl, data)
+}
+
+fn positive(zone: &StaticZone, found: Found) -> Answer {
+    if found.answers.is_empty() {
+        return negative(zone, ResponseCode::NoError);
+    }
+    Answer {
+        rcode: ResponseCode::NoError,
+        authoritative: true,
+        answers: found.answers,
+        authorities: Vec::new(),
+        additionals: found.additionals,
+    }
+}
+
+fn from_static(zone: &StaticZone, name: &LowerName, rtype: RecordType) -> Answer {
+    match zone.lookup(name, rtype) {
+        Lookup::Records(records) => Answer {
+            rcode: ResponseCode::NoError,
+            authoritative: true,
+            additionals: glue(zone, &records),
+            answers: records.into_iter().cloned().collect(),
+            authorities: Vec::new(),
+        },
+        Lookup::NoData => negative(zone, ResponseCode::NoError),
+        Lookup::NxDomain => negative(zone, ResponseCode::NXDomain),
+    }
+}
+
+/// Addresses of in-zone NS targets, so a resolver need not ask again.
+fn glue(zone: &StaticZone, records: &[&Record]) -> Vec<Record> {
+    records
+        .iter()
+        .filter_map(|r| match &r.data {
+            RData::NS(ns) => Some(LowerName::new(&ns.0)),
+            _ => None,
+        })
+        .flat_map(|target| {
+            [RecordType::A, RecordType::AAAA]
+                .into_iter()
+                .flat_map(move |t| match zone.lookup(&target, t) {
+                    Lookup::Records(found) => found.into_iter().cloned().collect(),
+                    _ => Vec::new(),
+                })
+        })
+        .collect()
+}
+
+/// NXDOMAIN or NODATA, with the SOA in authority for negative caching:
+/// its TTL is the lesser of its own and its MINIMUM (RFC 2308 §5).
+fn negative(zone: &StaticZone, rcode: ResponseCode) -> Answer {
+    let mut soa = zone.soa().clone();
+    if let RData::SOA(data) = &soa.data {
+        soa.ttl = soa.ttl.min(data.minimum);
+    }
+    Answer {
+        rcode,
+        authoritative: true,
+        answers: Vec::new(),
+        authorities: vec![soa],
+        additionals: Vec::new(),
+    }
+}

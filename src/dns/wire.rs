@@ -1,0 +1,201 @@
+//! Bytes in, bytes out: request checks shared by every transport, and the
+//! response encoder that enforces UDP size limits. An answer that does
+//! not fit is never sent in part: the client gets TC and retries over TCP.
+
+use std::net::SocketAddr;
+
+use hickory_proto::ProtoError;
+use hickory_proto::op::{
+    Edns, EmitAndCount, Header, MessageType, Metadata, OpCode, ResponseCode, emit_message_parts,
+};
+use hickory_proto::serialize::binary::{BinDecodable, BinDecoder, BinEncoder};
+use hickory_server::net::xfer::Protocol;
+use hickory_server::server::Request;
+use hickory_server::zone_handler::MessageRequest;
+
+use super::answer::{Answer, Authority};
+
+/// Largest UDP response muster sends and the payload size it advertises
+/// (the DNS Flag Day 2020 value, safe from IP fragmentation).
+pub const MAX_UDP_PAYLOAD: u16 = 1232;
+/// The classic limit for clients that send no EDNS.
+pub const CLASSIC_UDP_PAYLOAD: u16 = 512;
+
+/// Answers one raw query received over `protocol` from `src`. `None` when
+/// nothing should be sent back (not a DNS header, or not a query).
+pub fn respond(
+    authority: &Authority,
+    query: &[u8],
+    src: SocketAddr,
+    protocol: Protocol,
+) -> Option<Vec<u8>> {
+    let header = Header::read(&mut BinDecoder::new(query)).ok()?;
+    if header.metadata.message_type != MessageType::Query {
+        return None;
+    }
+    let Ok(request) = Request::from_bytes(query.to_vec(), src, protocol) else {
+        return Some(encode_header_only(&header.metadata, ResponseCode::FormErr));
+    };
+    let answer = answer_request(authority, &request);
+    Some(encode(&request, &answer, size_limit(&request, protocol)))
+}
+
+/// Checks what the question itself cannot carry, then answers it.
+pub fn answer_request(authority: &Authority, request: &MessageRequest) -> Answer {
+    if request.metadata.op_code != OpCode::Query {
+        return Answer::error(ResponseCode::NotImp);
+    }
+    if request.edns.as_ref().is_some_and(|e| e.version() > 0) {
+        return Answer::error(ResponseCode::BADVERS);
+    }
+    match request.queries.queries() {
+        [query] => authority.answer(query),
+        _ => Answer::error(ResponseCode::FormErr),
+    }
+}
+
+/// The header of the response to `request` carrying `answer`.
+pub fn response_metadata(request: &Metadata, answer: &Answer) -> Metadata {
+    let mut metadata = Metadata::response_from_request(request);
+    metadata.authoritative = answer.authoritative;
+    metadata.response_code = answer.rcode;
+    metadata
+}
+
+/// The OPT record of the response: present exactly when the query had one.
+pub fn response_edns(request: &MessageRequest) -> Option<Edns> {
+    request.edns.as_ref().map(|_| {
+        let mut edns = Edns::new();
+        edns.set_max_payload(MAX_UDP_PAYLOAD);
+        edns
+    })
+}
+
+/// The largest response `request` may get over `protocol`.
+pub fn size_limit(request: &MessageRequest, protocol: Protocol) -> u16 {
+    match protocol {
+        Protocol::Udp => request.edns.as_ref().map_or(CLASSIC_UDP_PAYLOAD, |edns| {
+            edns.max_payload()
+                .clamp(CLASSIC_UDP_PAYLOAD, MAX_UDP_PAYLOAD)
+        }),
+        _ => u16::MAX,
+    }
+}
+
+/// Encodes `answer` within `limit` bytes: whole, or without the
+/// additional section, or (when the answer itself does not fit) empty
+/// with TC set so the client retries over TCP.
+pub fn encode(request: &MessageRequest, answer: &Answer, limit: u16) -> Vec<u8> {
+    let metadata = response_metadata(&request.metadata, answer);
+    let edns = response_edns(request);
+    let question = request.queries.as_bytes();
+    let count = request.queries.len();
+    let parts = Parts {
+        metadata,
+        question,
+        count,
+        edns: edns.as_ref(),
+    };
+    if let Some(bytes) = parts.try_emit(answer, true, limit) {
+        return bytes;
+    }
+    if let Some(bytes) = parts.try_emit(answer, false, limit) {
+        return bytes;
+    }
+    parts.truncated(limit)
+}
+
+/// The pieces of a response that stay the same across encoding attempts.
+struct Parts<'a> {
+    metadata: Metadata,
+    question: &'a [u8],
+    count: usize,
+    edns: Option<&'a Edns>,
+}
+
+impl Parts<'_> {
+    /// The response if it fits whole (with or without additionals).
+    fn try_emit(&self, answer: &Answer, additionals: bool, limit: u16) -> Option<Vec<u8>> {
+        let empty = [];
+        let extra = if additionals {
+            &answer.additionals[..]
+        } else {
+            &empty[..]
+        };
+        let mut bytes = Vec::with_capacity(512);
+        let mut encoder = BinEncoder::new(&mut bytes);
+        encoder.set_max_size(limit);
+        let header = emit_message_parts(
+            &self.metadata,
+            &mut RawQuestion(self.question, self.count),
+            &mut answer.answers.iter(),
+            &mut answer.authorities.iter(),
+            &mut extra.iter(),
+            self.edns,
+            None,
+            &mut encoder,
+        )
+        .ok()?;
+        let expected_extra = extra.len() + usize::from(self.edns.is_some());
+        let whole = usize::from(header.counts.answers) == answer.answers.len()
+            && usize::from(header.counts.authorities) == answer.authorities.len()
+            && usize::from(header.counts.additionals) == expected_extra;
+        whole.then_some(bytes)
+    }
+
+    /// Header, question and OPT only, with TC set.
+    fn truncated(&self, limit: u16) -> Vec<u8> {
+        let mut metadata = self.metadata;
+        metadata.truncation = true;
+        let mut bytes = Vec::with_capacity(128);
+        let mut encoder = BinEncoder::new(&mut bytes);
+        encoder.set_max_size(limit);
+        let none: [hickory_proto::rr::Record; 0] = [];
+        let emitted = emit_message_parts(
+            &metadata,
+            &mut RawQuestion(self.question, self.count),
+            &mut none.iter(),
+            &mut none.iter(),
+            &mut none.iter(),
+            self.edns,
+            None,
+            &mut encoder,
+        );
+        match emitted {
+            Ok(_) => bytes,
+            Err(_) => encode_header_only(&metadata, ResponseCode::ServFail),
+        }
+    }
+}
+
+/// A response that is just a header (no question could be echoed).
+fn encode_header_only(request: &Metadata, rcode: ResponseCode) -> Vec<u8> {
+    let mut metadata = Metadata::response_from_request(request);
+    metadata.response_code = rcode;
+    let mut bytes = Vec::with_capacity(12);
+    let none: [hickory_proto::rr::Record; 0] = [];
+    let mut encoder = BinEncoder::new(&mut bytes);
+    // Twelve bytes always fit: nothing here can fail.
+    let _ = emit_message_parts(
+        &metadata,
+        &mut RawQuestion(&[], 0),
+        &mut none.iter(),
+        &mut none.iter(),
+        &mut none.iter(),
+        None,
+        None,
+        &mut encoder,
+    );
+    bytes
+}
+
+/// The question section exactly as the client sent it, so the echoed
+/// name keeps the client's letter case (0x20 randomisation).
+struct RawQuestion<'a>(&'a [u8], usize);
+
+impl EmitAndCount for RawQuestion<'_> {
+    fn emit(&mut self, encoder: &mut BinEncoder<'_>) -> Result<usize, ProtoError> {
+        encoder.emit_vec(self.0)?;
+        Ok(self.1)
+    }
+}

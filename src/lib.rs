@@ -1,0 +1,183 @@
+//! muster: DNS-based service discovery with an HTTP front door.
+//!
+//! This file holds the module tree and the assembly: [`start`] binds every
+//! listener from a [`Config`], spawns the servers, and returns a
+//! [`Running`] handle that stops them together. Binding happens before
+//! anything is served, so when `start` returns every socket is ready.
+
+pub mod api;
+pub mod config;
+pub mod dns;
+mod field_path;
+pub mod registry;
+pub mod telemetry;
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::error;
+
+pub use config::Config;
+
+use crate::config::{ApiConfig, DnsConfig, ttl_seconds};
+use crate::dns::zones::{ZoneError, load_dir};
+use crate::dns::{Authority, RegistryZone};
+use crate::registry::Registry;
+
+/// Why muster could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("zones: {0}")]
+    Zones(#[from] ZoneError),
+    #[error("dns.zone {zone:?} is not a valid DNS name")]
+    Zone { zone: String },
+    #[error("cannot listen for {what} on {address}: {source}")]
+    Bind {
+        what: &'static str,
+        address: String,
+        source: io::Error,
+    },
+}
+
+/// A started muster: its bound addresses and the handle to stop it.
+pub struct Running {
+    /// One address per `dns.listen` entry, each serving UDP and TCP.
+    pub dns: Vec<SocketAddr>,
+    pub api: SocketAddr,
+    pub registry: Arc<Registry>,
+    shutdown: CancellationToken,
+    tasks: JoinSet<io::Result<()>>,
+}
+
+/// Binds every listener in `config` and starts serving.
+pub async fn start(config: &Config) -> Result<Running, StartError> {
+    // Destructured without `..`: a new key nobody wires up fails to compile.
+    let Config {
+        data_dir: _, // the durable store arrives with issue 4
+        zones_dir,
+        dns,
+        api,
+        gateway: _, // the front door arrives with issue 5
+        log: _,     // applied by telemetry::init before start
+    } = config;
+    let registry = Arc::new(Registry::new());
+    let authority = Arc::new(authority(config, dns, zones_dir, &registry)?);
+    let shutdown = CancellationToken::new();
+    let mut tasks = JoinSet::new();
+    let dns_addrs = start_dns(dns, authority, &shutdown, &mut tasks).await?;
+    let api_addr = start_api(api, &registry, &shutdown, &mut tasks).await?;
+    Ok(Running {
+        dns: dns_addrs,
+        api: api_addr,
+        registry,
+        shutdown,
+        tasks,
+    })
+}
+
+fn authority(
+    config: &Config,
+    dns: &DnsConfig,
+    zones_dir: &std::path::Path,
+    registry: &Arc<Registry>,
+) -> Result<Authority, StartError> {
+    let zones = load_dir(zones_dir)?;
+    let zone = config.zone_fqdn();
+    let origin = hickory_proto::rr::Name::from_ascii(&zone)
+        .map_err(|_| StartError::Zone { zone: zone.clone() })?;
+    Ok(Authority::new(
+        registry.clone(),
+        zones,
+        RegistryZone {
+            origin,
+            ttl: ttl_seconds(dns.ttl),
+            negative_ttl: ttl_seconds(dns.negative_ttl),
+        },
+    ))
+}
+
+async fn start_dns(
+    dns: &DnsConfig,
+    authority: Arc<Authority>,
+    shutdown: &CancellationToken,
+    tasks: &mut JoinSet<io::Result<()>>,
+) -> Result<Vec<SocketAddr>, StartError> {
+    let bind_error = |source| StartError::Bind {
+        what: "dns",
+        address: format!("{:?}", dns.listen),
+        source,
+    };
+    let listeners = dns::Listeners::bind(&dns.listen)
+        .await
+        .map_err(bind_error)?;
+    let addrs = listeners.local_addrs().map_err(bind_error)?;
+    tasks.spawn(dns::serve(
+        listeners,
+        authority,
+        dns.tcp_idle_timeout,
+        shutdown.clone(),
+    ));
+    Ok(addrs)
+}
+
+async fn start_api(
+    api: &ApiConfig,
+    registry: &Arc<Registry>,
+    shutdown: &CancellationToken,
+    tasks: &mut JoinSet<io::Result<()>>,
+) -> Result<SocketAddr, StartError> {
+    let bind_error = |source| StartError::Bind {
+        what: "api",
+        address: api.listen.to_string(),
+        source,
+    };
+    let listener = TcpListener::bind(api.listen).await.map_err(bind_error)?;
+    let addr = listener.local_addr().map_err(bind_error)?;
+    let router = api::router(api::AppState {
+        registry: registry.clone(),
+        started: Instant::now(),
+    });
+    tasks.spawn(api::serve(listener, router, shutdown.clone()));
+    Ok(addr)
+}
+
+impl Running {
+    /// A token that stops every listener when cancelled.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Waits until every server has ended. If one fails, the others are
+    /// stopped too and its error is returned.
+    pub async fn wait(mut self) -> io::Result<()> {
+        let mut result = Ok(());
+        while let Some(ended) = self.tasks.join_next().await {
+            let ended = ended.map_err(io::Error::other).and_then(|r| r);
+            if let Err(e) = ended {
+                error!(error = %e, "a listener failed; stopping");
+                self.shutdown.cancel();
+                if result.is_ok() {
+                    result = Err(e);
+                }
+            }
+        }
+        result
+    }
+
+    /// Stops every listener and waits up to `drain` for requests in flight.
+    pub async fn stop(self, drain: Duration) -> io::Result<()> {
+        self.shutdown.cancel();
+        match tokio::time::timeout(drain, self.wait()).await {
+            Ok(result) => result,
+            Err(_) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "listeners did not drain in time",
+            )),
+        }
+    }
+}

@@ -1,0 +1,115 @@
+//! The `muster` command line: parses arguments and hands over to the
+//! library. No logic lives here.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tracing::info;
+
+use muster::{Config, telemetry};
+
+/// How long requests in flight get to finish after SIGTERM.
+const DRAIN: Duration = Duration::from_secs(10);
+
+#[derive(Parser)]
+#[command(
+    name = "muster",
+    version,
+    about = "DNS-based service discovery with an HTTP front door"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server (built-in defaults without --config).
+    Serve {
+        /// TOML configuration file.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Validate a configuration file and its zones; exit 0 if usable.
+    CheckConfig {
+        /// TOML configuration file.
+        file: PathBuf,
+    },
+    /// Print the version.
+    Version,
+}
+
+fn main() -> ExitCode {
+    let result = match Cli::parse().command {
+        Command::Serve { config } => serve(config),
+        Command::CheckConfig { file } => check_config(&file),
+        Command::Version => {
+            println!("muster {}", env!("CARGO_PKG_VERSION"));
+            Ok(())
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("muster: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load(path: Option<&PathBuf>) -> anyhow::Result<Config> {
+    match path {
+        Some(path) => Ok(Config::read(path)?),
+        None => Ok(Config::default()),
+    }
+}
+
+fn check_config(file: &PathBuf) -> anyhow::Result<()> {
+    let config = load(Some(file))?;
+    muster::dns::zones::load_dir(&config.zones_dir).context("zones")?;
+    println!("{}: ok", file.display());
+    Ok(())
+}
+
+#[tokio::main]
+async fn serve(path: Option<PathBuf>) -> anyhow::Result<()> {
+    let config = load(path.as_ref())?;
+    telemetry::init(&config.log);
+    let running = muster::start(&config).await?;
+    let dns: Vec<String> = running.dns.iter().map(ToString::to_string).collect();
+    info!(dns = %dns.join(","), api = %running.api, "muster ready");
+    let shutdown = running.shutdown_token();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        info!("shutting down");
+        shutdown.cancel();
+    });
+    let token = running.shutdown_token();
+    let wait = running.wait();
+    tokio::pin!(wait);
+    tokio::select! {
+        result = &mut wait => return result.context("serving"),
+        () = token.cancelled() => {}
+    }
+    tokio::time::timeout(DRAIN, wait)
+        .await
+        .context("listeners did not drain in time")?
+        .context("serving")
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = async {
+            match terminate.as_mut() {
+                Some(term) => { term.recv().await; }
+                None => std::future::pending().await,
+            }
+        } => {}
+    }
+}

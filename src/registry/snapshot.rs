@@ -1,0 +1,207 @@
+//! Immutable views of the registry. A [`Snapshot`] is what every reader
+//! (DNS, the API, later the gateway) works from; it is never mutated, only
+//! replaced. Services sit in a persistent hash map so publishing a change
+//! to one service copies that service, not the registry.
+
+use std::sync::Arc;
+
+use super::model::{Instance, Protocol};
+
+/// Which port of an instance an endpoint uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PortSelector<'a> {
+    /// The instance's default `port` (answers for `<service>.Z` SRV).
+    Default,
+    /// A named port with its protocol (`_<name>._<proto>.<service>.Z`).
+    Named(&'a str, Protocol),
+}
+
+/// An instance with the port a client should use for it.
+#[derive(Debug, Clone, Copy)]
+pub struct Endpoint<'a> {
+    pub instance: &'a Instance,
+    pub port: u16,
+}
+
+/// One service and its instances, sorted by id.
+#[derive(Debug, Clone)]
+pub struct Service {
+    name: Arc<str>,
+    /// Registry version at which this service last changed.
+    index: u64,
+    instances: Vec<Arc<Instance>>,
+}
+
+impl Service {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn index(&self) -> u64 {
+        self.index
+    }
+
+    pub fn instances(&self) -> &[Arc<Instance>] {
+        &self.instances
+    }
+
+    pub fn instance(&self, id: &str) -> Option<&Arc<Instance>> {
+        self.position(id).ok().map(|i| &self.instances[i])
+    }
+
+    pub fn serving_count(&self) -> usize {
+        self.instances.iter().filter(|i| i.is_serving()).count()
+    }
+
+    /// The serving instances carrying all of `tags`, with the port chosen by
+    /// `port`. This is the one function behind SRV answers, A/AAAA answers
+    /// and the gateway's backends, so they can never disagree.
+    pub fn endpoints<'a>(
+        &'a self,
+        port: PortSelector<'a>,
+        tags: &'a [&'a str],
+    ) -> impl Iterator<Item = Endpoint<'a>> + 'a {
+        self.instances
+            .iter()
+            .filter(move |i| i.is_serving() && i.has_tags(tags))
+            .filter_map(move |i| {
+                let port = match port {
+                    PortSelector::Default => Some(i.port),
+                    PortSelector::Named(name, protocol) => i.named_port(name, protocol),
+                };
+                port.map(|port| Endpoint { instance: i, port })
+            })
+    }
+
+    /// Whether any instance has a named port over `protocol`, so that
+    /// `_<protocol>.<service>.Z` exists as an empty non-terminal.
+    pub fn has_protocol(&self, protocol: Protocol) -> bool {
+        self.instances
+            .iter()
+            .any(|i| i.ports.values().any(|p| p.protocol == protocol))
+    }
+
+    /// Whether any instance has a named port `name` over `protocol`, so that
+    /// `_<name>._<protocol>.<service>.Z` exists (even with no serving instance).
+    pub fn has_named_port(&self, name: &str, protocol: Protocol) -> bool {
+        self.instances
+            .iter()
+            .any(|i| i.named_port(name, protocol).is_some())
+    }
+
+    /// Whether any instance carries all of `tags` (empty: any tag at all),
+    /// so that the tag names exist.
+    pub fn has_tagged(&self, tags: &[&str]) -> bool {
+        self.instances
+            .iter()
+            .any(|i| !i.tags.is_empty() && i.has_tags(tags))
+    }
+
+    fn position(&self, id: &str) -> Result<usize, usize> {
+        self.instances.binary_search_by(|i| i.id.as_str().cmp(id))
+    }
+
+    fn with(&self, instance: Arc<Instance>, index: u64) -> Self {
+        let mut instances = self.instances.clone();
+        match self.position(&instance.id) {
+            Ok(at) => instances[at] = instance,
+            Err(at) => instances.insert(at, instance),
+        }
+        Self {
+            name: self.name.clone(),
+            index,
+            instances,
+        }
+    }
+
+    fn without(&self, at: usize, index: u64) -> Self {
+        let mut instances = self.instances.clone();
+        instances.remove(at);
+        Self {
+            name: self.name.clone(),
+            index,
+            instances,
+        }
+    }
+}
+
+/// The whole registry at one version.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    version: u64,
+    services: imbl::HashMap<Arc<str>, Arc<Service>>,
+    instance_count: usize,
+}
+
+impl Snapshot {
+    /// Monotonic version, bumped by every change that was applied.
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    pub fn service(&self, name: &str) -> Option<&Arc<Service>> {
+        self.services.get(name)
+    }
+
+    pub fn services(&self) -> impl Iterator<Item = &Arc<Service>> {
+        self.services.values()
+    }
+
+    pub fn service_count(&self) -> usize {
+        self.services.len()
+    }
+
+    pub fn instance_count(&self) -> usize {
+        self.instance_count
+    }
+
+    /// The next snapshot with `instance` added or replaced.
+    pub(super) fn with_instance(&self, instance: Arc<Instance>) -> Self {
+        let version = self.version + 1;
+        let mut next = self.clone();
+        next.version = version;
+        let service = match self.services.get(instance.service.as_str()) {
+            Some(existing) => {
+                if existing.instance(&instance.id).is_none() {
+                    next.instance_count += 1;
+                }
+                existing.with(instance, version)
+            }
+            None => {
+                next.instance_count += 1;
+                Service {
+                    name: instance.service.as_str().into(),
+                    index: version,
+                    instances: vec![instance],
+                }
+            }
+        };
+        next.services
+            .insert(service.name.clone(), Arc::new(service));
+        next
+    }
+
+    /// The next snapshot without `service/id` and the instance removed,
+    /// or `None` if it is not there.
+    pub(super) fn without_instance(
+        &self,
+        service: &str,
+        id: &str,
+    ) -> Option<(Self, Arc<Instance>)> {
+        let existing = self.services.get(service)?;
+        let at = existing.position(id).ok()?;
+        let removed = existing.instances[at].clone();
+        let version = self.version + 1;
+        let mut next = self.clone();
+        next.version = version;
+        next.instance_count -= 1;
+        if existing.instances.len() == 1 {
+            next.services.remove(service);
+        } else {
+            let service = existing.without(at, version);
+            next.services
+                .insert(service.name.clone(), Arc::new(service));
+        }
+        Some((next, removed))
+    }
+}

@@ -1,0 +1,340 @@
+//! Validation at the edge: turns what a client sent into a normalised
+//! [`Instance`], or a [`ValidationError`] that names the offending field.
+//! Nothing invalid ever reaches `Registry::apply`.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use serde::Deserialize;
+
+use super::model::{Health, Instance, NamedPort, Protocol};
+
+pub const MAX_TAGS: usize = 32;
+pub const MAX_NAMED_PORTS: usize = 16;
+pub const MAX_META_KEYS: usize = 64;
+pub const MAX_META_KEY_LEN: usize = 128;
+pub const MAX_META_VALUE_LEN: usize = 512;
+/// An instance id that would make `<tag>.tag.<service>` ambiguous.
+pub const RESERVED_INSTANCE_ID: &str = "tag";
+
+/// A rejected input: which field, and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct ValidationError {
+    pub field: String,
+    pub message: String,
+}
+
+impl ValidationError {
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// The registration body as clients send it, before validation.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceSpec {
+    pub address: String,
+    pub port: i64,
+    #[serde(default)]
+    pub ports: BTreeMap<String, PortSpec>,
+    #[serde(default)]
+    pub tags: Vec<String>,
+    #[serde(default)]
+    pub meta: BTreeMap<String, String>,
+    pub weight: Option<i64>,
+    pub priority: Option<i64>,
+}
+
+/// A named port: a bare number (tcp) or `{"port": 53, "protocol": "udp"}`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum PortSpec {
+    Number(i64),
+    Full(FullPortSpec),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FullPortSpec {
+    pub port: i64,
+    pub protocol: Option<String>,
+}
+
+/// Checks `label` is an RFC 1123 label (1–63 of `a-z0-9-`, no hyphen at
+/// either end, any case) and returns it lowercased.
+pub fn dns_label(field: &str, label: &str) -> Result<String, ValidationError> {
+    let invalid = |why: &str| ValidationError::new(field, format!("{label:?} {why}"));
+    if label.is_empty() || label.len() > 63 {
+        return Err(invalid("must be 1 to 63 characters long"));
+    }
+    if !label
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    {
+        return Err(invalid("may only contain letters, digits and hyphens"));
+    }
+    if label.starts_with('-') || label.ends_with('-') {
+        return Err(invalid("must not start or end with a hyphen"));
+    }
+    Ok(label.to_ascii_lowercase())
+}
+
+/// Validates a service name from a path or body.
+pub fn service_name(name: &str) -> Result<String, ValidationError> {
+    dns_label("service", name)
+}
+
+/// Validates an instance id from a path or body.
+pub fn instance_id(id: &str) -> Result<String, ValidationError> {
+    let id = dns_label("id", id)?;
+    if id == RESERVED_INSTANCE_ID {
+        return Err(ValidationError::new(
+            "id",
+            "\"tag\" is reserved (it names the tag subdomain)",
+        ));
+    }
+    Ok(id)
+}
+
+impl InstanceSpec {
+    /// Validates every field and builds the instance to store.
+    pub fn into_instance(self, service: &str, id: &str) -> Result<Instance, ValidationError> {
+        Ok(Instance {
+            service: service_name(service)?,
+            id: instance_id(id)?,
+            address: address(&self.address)?,
+            port: port("port", self.port)?,
+            ports: named_ports(self.ports)?,
+            tags: tags(self.tags)?,
+            meta: meta(self.meta)?,
+            weight: in_range("weight", self.weight.unwrap_or(1), 1)?,
+            priority: in_range("priority", self.priority.unwrap_or(0), 0)?,
+            health: Health::passing_now(),
+        })
+    }
+}
+
+fn address(text: &str) -> Result<IpAddr, ValidationError> {
+    let ip: IpAddr = text.trim().parse().map_err(|_| {
+        ValidationError::new(
+            "address",
+            format!("{text:?} is not an IPv4 or IPv6 address"),
+        )
+    })?;
+    if ip.is_unspecified() || ip.is_multicast() {
+        return Err(ValidationError::new(
+            "address",
+            format!("{ip} cannot be an instance address (unspecified or multicast)"),
+        ));
+    }
+    Ok(ip)
+}
+
+fn in_range(field: &str, value: i64, min: u16) -> Result<u16, ValidationError> {
+    match u16::try_from(value) {
+        Ok(v) if v >= min => Ok(v),
+        _ => Err(ValidationError::new(
+            field,
+            format!("{value} is out of range ({min} to 65535)"),
+        )),
+    }
+}
+
+fn port(field: &str, value: i64) -> Result<u16, ValidationError> {
+    in_range(field, value, 1)
+}
+
+fn named_ports(
+    specs: BTreeMap<String, PortSpec>,
+) -> Result<BTreeMap<String, NamedPort>, ValidationError> {
+    if specs.len() > MAX_NAMED_PORTS {
+        return Err(ValidationError::new(
+            "ports",
+            format!("at most {MAX_NAMED_PORTS} named ports"),
+        ));
+    }
+    let mut ports = BTreeMap::new();
+    for (name, spec) in specs {
+        let field = format!("ports.{name}");
+        let label = dns_label(&field, &name)?;
+        let named = match spec {
+            PortSpec::Number(number) => NamedPort {
+                port: port(&field, number)?,
+                protocol: Protocol::Tcp,
+            },
+            PortSpec::Full(full) => NamedPort {
+                port: port(&format!("{field}.port"), full.port)?,
+                protocol: protocol(&format!("{field}.protocol"), full.protocol.as_deref())?,
+            },
+        };
+        if ports.insert(label, named).is_some() {
+            return Err(ValidationError::new(
+                field,
+                "named twice (port names are case-insensitive)",
+            ));
+        }
+    }
+    Ok(ports)
+}
+
+fn protocol(field: &str, text: Option<&str>) -> Result<Protocol, ValidationError> {
+    match text.map(str::to_ascii_lowercase).as_deref() {
+        None | Some("tcp") => Ok(Protocol::Tcp),
+        Some("udp") => Ok(Protocol::Udp),
+        Some(other) => Err(ValidationError::new(
+            field,
+            format!("{other:?} is not a protocol (tcp or udp)"),
+        )),
+    }
+}
+
+fn tags(raw: Vec<String>) -> Result<Vec<String>, ValidationError> {
+    if raw.len() > MAX_TAGS {
+        return Err(ValidationError::new(
+            "tags",
+            format!("at most {MAX_TAGS} tags"),
+        ));
+    }
+    let mut tags = raw
+        .iter()
+        .enumerate()
+        .map(|(i, tag)| dns_label(&format!("tags[{i}]"), tag))
+        .collect::<Result<Vec<_>, _>>()?;
+    tags.sort_unstable();
+    tags.dedup();
+    Ok(tags)
+}
+
+fn meta(raw: BTreeMap<String, String>) -> Result<BTreeMap<String, String>, ValidationError> {
+    if raw.len() > MAX_META_KEYS {
+        return Err(ValidationError::new(
+            "meta",
+            format!("at most {MAX_META_KEYS} keys"),
+        ));
+    }
+    for (key, value) in &raw {
+        let field = format!("meta.{key}");
+        let key_ok = !key.is_empty()
+            && key.len() <= MAX_META_KEY_LEN
+            && key
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if !key_ok {
+            return Err(ValidationError::new(
+                field,
+                format!("keys are 1 to {MAX_META_KEY_LEN} of letters, digits, '-' and '_'"),
+            ));
+        }
+        if value.len() > MAX_META_VALUE_LEN {
+            return Err(ValidationError::new(
+                field,
+                format!("value is longer than {MAX_META_VALUE_LEN} bytes"),
+            ));
+        }
+    }
+    Ok(raw)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> InstanceSpec {
+        serde_json::from_str(r#"{"address": "10.0.0.1", "port": 80}"#).unwrap()
+    }
+
+    fn rejected_field(spec: InstanceSpec) -> String {
+        spec.into_instance("web", "web-1").unwrap_err().field
+    }
+
+    #[test]
+    fn labels_are_lowercased_and_checked() {
+        assert_eq!(dns_label("f", "Web-2").unwrap(), "web-2");
+        assert!(dns_label("f", "").is_err());
+        assert!(dns_label("f", &"a".repeat(64)).is_err());
+        assert!(dns_label("f", &"a".repeat(63)).is_ok());
+        assert!(dns_label("f", "-web").is_err());
+        assert!(dns_label("f", "web-").is_err());
+        assert!(dns_label("f", "we_b").is_err());
+        assert!(dns_label("f", "wé").is_err());
+    }
+
+    #[test]
+    fn a_minimal_spec_gets_defaults() {
+        let instance = spec().into_instance("Web", "Web-1").unwrap();
+        assert_eq!(instance.service, "web");
+        assert_eq!(instance.id, "web-1");
+        assert_eq!(instance.weight, 1);
+        assert_eq!(instance.priority, 0);
+        assert!(instance.is_serving());
+    }
+
+    #[test]
+    fn instance_id_tag_is_reserved() {
+        assert_eq!(spec().into_instance("web", "TAG").unwrap_err().field, "id");
+    }
+
+    #[test]
+    fn each_numeric_field_is_range_checked() {
+        let mut s = spec();
+        s.port = 0;
+        assert_eq!(rejected_field(s), "port");
+        let mut s = spec();
+        s.port = 65536;
+        assert_eq!(rejected_field(s), "port");
+        let mut s = spec();
+        s.weight = Some(0);
+        assert_eq!(rejected_field(s), "weight");
+        let mut s = spec();
+        s.priority = Some(-1);
+        assert_eq!(rejected_field(s), "priority");
+    }
+
+    #[test]
+    fn named_ports_accept_both_shapes() {
+        let s: InstanceSpec = serde_json::from_str(
+            r#"{"address": "::1", "port": 80,
+                "ports": {"HTTP": 8080, "dns": {"port": 53, "protocol": "udp"}}}"#,
+        )
+        .unwrap();
+        let instance = s.into_instance("web", "a").unwrap();
+        assert_eq!(instance.named_port("http", Protocol::Tcp), Some(8080));
+        assert_eq!(instance.named_port("dns", Protocol::Udp), Some(53));
+        assert_eq!(instance.named_port("dns", Protocol::Tcp), None);
+    }
+
+    #[test]
+    fn limits_on_collections() {
+        let mut s = spec();
+        s.tags = (0..33).map(|i| format!("t{i}")).collect();
+        assert_eq!(rejected_field(s), "tags");
+        let mut s = spec();
+        s.meta = (0..65).map(|i| (format!("k{i}"), String::new())).collect();
+        assert_eq!(rejected_field(s), "meta");
+        let mut s = spec();
+        s.meta.insert("k".into(), "v".repeat(513));
+        assert_eq!(rejected_field(s), "meta.k");
+        let mut s = spec();
+        s.ports = (0..17)
+            .map(|i| (format!("p{i}"), PortSpec::Number(1)))
+            .collect();
+        assert_eq!(rejected_field(s), "ports");
+        let mut s = spec();
+        s.tags = vec!["ok".into(), "not ok".into()];
+        assert_eq!(rejected_field(s), "tags[1]");
+    }
+
+    #[test]
+    fn addresses_must_be_usable() {
+        for bad in ["", "10.0.0", "0.0.0.0", "::", "224.0.0.1", "host.example"] {
+            let mut s = spec();
+            s.address = bad.into();
+            assert_eq!(rejected_field(s), "address", "{bad}");
+        }
+    }
+}

@@ -1,0 +1,550 @@
+//! DNS answers from the registry and the static zones, over UDP and TCP,
+//! against a real muster on ephemeral ports.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+
+use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
+use hickory_proto::rr::{Name, RData, RecordType};
+use serde_json::json;
+use support::{Muster, exchange_udp, instance, query, query_tcp, query_udp, start};
+
+#[derive(Clone, Copy, Debug)]
+enum Transport {
+    Udp,
+    Tcp,
+}
+
+const BOTH: [Transport; 2] = [Transport::Udp, Transport::Tcp];
+
+async fn ask(muster: &Muster, transport: Transport, name: &str, rtype: RecordType) -> Message {
+    match transport {
+        Transport::Udp => muster.udp(name, rtype).await,
+        Transport::Tcp => muster.tcp(name, rtype).await,
+    }
+}
+
+fn addresses(message: &Message) -> BTreeSet<IpAddr> {
+    addresses_in(&message.answers)
+}
+
+fn addresses_in(records: &[hickory_proto::rr::Record]) -> BTreeSet<IpAddr> {
+    records
+        .iter()
+        .filter_map(|r| match &r.data {
+            RData::A(a) => Some(IpAddr::V4(a.0)),
+            RData::AAAA(aaaa) => Some(IpAddr::V6(aaaa.0)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// (target, port, priority, weight) of each SRV answer, sorted.
+fn srv(message: &Message) -> Vec<(String, u16, u16, u16)> {
+    let mut found: Vec<_> = message
+        .answers
+        .iter()
+        .filter_map(|r| match &r.data {
+            RData::SRV(s) => Some((s.target.to_string(), s.port, s.priority, s.weight)),
+            _ => None,
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+fn ips(list: &[&str]) -> BTreeSet<IpAddr> {
+    list.iter().map(|s| s.parse().unwrap()).collect()
+}
+
+fn assert_authoritative(message: &Message) {
+    assert!(message.metadata.authoritative, "AA set");
+    assert!(!message.metadata.recursion_available, "RA clear");
+    assert_eq!(message.metadata.message_type, MessageType::Response);
+}
+
+/// A negative answer: the zone's SOA in authority, nothing else.
+fn assert_negative(message: &Message, rcode: ResponseCode) {
+    assert_eq!(message.metadata.response_code, rcode);
+    assert_authoritative(message);
+    assert!(message.answers.is_empty());
+    assert_eq!(message.authorities.len(), 1);
+    let soa = &message.authorities[0];
+    assert_eq!(soa.name, Name::from_ascii("svc.internal.").unwrap());
+    let RData::SOA(data) = &soa.data else {
+        panic!("authority is not an SOA: {soa:?}")
+    };
+    assert_eq!(data.minimum, 5, "SOA minimum is dns.negative_ttl");
+    assert_eq!(soa.ttl, 5, "negative TTL is min(SOA TTL, minimum)");
+}
+
+async fn payment_service(muster: &Muster) {
+    muster
+        .register_ok(
+            "payment",
+            "p-1",
+            json!({
+                "address": "10.0.1.1", "port": 8080, "tags": ["v2", "eu"],
+                "ports": {"http": 8081, "metrics": {"port": 9100, "protocol": "udp"}},
+                "weight": 10, "priority": 1
+            }),
+        )
+        .await;
+    muster
+        .register_ok(
+            "payment",
+            "p-2",
+            json!({"address": "10.0.1.2", "port": 8080, "tags": ["v1"], "ports": {"http": 8082}}),
+        )
+        .await;
+    muster
+        .register_ok("payment", "p-3", instance("fd00::3", 8080))
+        .await;
+}
+
+#[tokio::test]
+async fn registered_instances_resolve_over_udp_and_tcp() {
+    let muster = start().await;
+    payment_service(&muster).await;
+    for transport in BOTH {
+        let a = ask(&muster, transport, "payment.svc.internal.", RecordType::A).await;
+        assert_eq!(a.metadata.response_code, ResponseCode::NoError);
+        assert_authoritative(&a);
+        assert_eq!(
+            addresses(&a),
+            ips(&["10.0.1.1", "10.0.1.2"]),
+            "{transport:?}"
+        );
+        assert!(a.answers.iter().all(|r| r.ttl == 5), "default TTL 5 s");
+
+        let aaaa = ask(
+            &muster,
+            transport,
+            "payment.svc.internal.",
+            RecordType::AAAA,
+        )
+        .await;
+        assert_eq!(addresses(&aaaa), ips(&["fd00::3"]));
+
+        let default_srv = ask(&muster, transport, "payment.svc.internal.", RecordType::SRV).await;
+        assert_eq!(
+            srv(&default_srv),
+            vec![
+                ("p-1.payment.svc.internal.".into(), 8080, 1, 10),
+                ("p-2.payment.svc.internal.".into(), 8080, 0, 1),
+                ("p-3.payment.svc.internal.".into(), 8080, 0, 1),
+            ]
+        );
+        let glue: BTreeSet<(String, IpAddr)> = default_srv
+            .additionals
+            .iter()
+            .filter_map(|r| match &r.data {
+                RData::A(a) => Some((r.name.to_string(), IpAddr::V4(a.0))),
+                RData::AAAA(a) => Some((r.name.to_string(), IpAddr::V6(a.0))),
+                _ => None,
+            })
+            .collect();
+        assert!(glue.contains(&(
+            "p-1.payment.svc.internal.".into(),
+            "10.0.1.1".parse().unwrap()
+        )));
+        assert!(glue.contains(&(
+            "p-3.payment.svc.internal.".into(),
+            "fd00::3".parse().unwrap()
+        )));
+
+        let named = ask(
+            &muster,
+            transport,
+            "_http._tcp.payment.svc.internal.",
+            RecordType::SRV,
+        )
+        .await;
+        assert_eq!(
+            srv(&named),
+            vec![
+                ("p-1.payment.svc.internal.".into(), 8081, 1, 10),
+                ("p-2.payment.svc.internal.".into(), 8082, 0, 1),
+            ]
+        );
+        let udp_port = ask(
+            &muster,
+            transport,
+            "_metrics._udp.payment.svc.internal.",
+            RecordType::SRV,
+        )
+        .await;
+        assert_eq!(
+            srv(&udp_port),
+            vec![("p-1.payment.svc.internal.".into(), 9100, 1, 10)]
+        );
+        let wrong_proto = ask(
+            &muster,
+            transport,
+            "_metrics._tcp.payment.svc.internal.",
+            RecordType::SRV,
+        )
+        .await;
+        assert_eq!(wrong_proto.metadata.response_code, ResponseCode::NXDomain);
+
+        let tagged = ask(
+            &muster,
+            transport,
+            "v2.tag.payment.svc.internal.",
+            RecordType::A,
+        )
+        .await;
+        assert_eq!(addresses(&tagged), ips(&["10.0.1.1"]));
+        let both_tags = ask(
+            &muster,
+            transport,
+            "v2.eu.tag.payment.svc.internal.",
+            RecordType::SRV,
+        )
+        .await;
+        assert_eq!(srv(&both_tags).len(), 1);
+
+        let one = ask(
+            &muster,
+            transport,
+            "p-2.payment.svc.internal.",
+            RecordType::A,
+        )
+        .await;
+        assert_eq!(addresses(&one), ips(&["10.0.1.2"]));
+    }
+    muster.stop().await;
+}
+
+#[tokio::test]
+async fn a_real_dns_client_library_resolves_over_udp_and_tcp() {
+    use hickory_net::client::{Client, ClientHandle};
+    use hickory_net::runtime::TokioRuntimeProvider;
+    use hickory_net::tcp::TcpClientStream;
+    use hickory_net::udp::UdpClientStream;
+    use hickory_proto::rr::DNSClass;
+
+    let muster = start().await;
+    payment_service(&muster).await;
+    let name = Name::from_ascii("payment.svc.internal.").unwrap();
+
+    let udp = UdpClientStream::builder(muster.dns, TokioRuntimeProvider::default()).build();
+    let (mut client, background) = Client::<TokioRuntimeProvider>::from_sender(udp);
+    tokio::spawn(background);
+    let response = client
+        .query(name.clone(), DNSClass::IN, RecordType::A)
+        .await
+        .unwrap();
+    assert_eq!(addresses(&response), ips(&["10.0.1.1", "10.0.1.2"]));
+
+    let (connect, handle) = TcpClientStream::new(
+        muster.dns,
+        None,
+        Some(support::DEADLINE),
+        TokioRuntimeProvider::default(),
+    );
+    let stream = connect.await.unwrap();
+    let (mut client, background) = Client::<TokioRuntimeProvider>::new(stream, handle);
+    tokio::spawn(background);
+    let response = client
+        .query(name, DNSClass::IN, RecordType::SRV)
+        .await
+        .unwrap();
+    assert_eq!(srv(&response).len(), 3);
+    muster.stop().await;
+}
+
+#[tokio::test]
+async fn deregistered_instances_leave_dns() {
+    let muster = start().await;
+    muster
+        .register_ok("cart", "c-1", instance("10.0.2.1", 80))
+        .await;
+    muster
+        .register_ok("cart", "c-2", instance("10.0.2.2", 80))
+        .await;
+    assert_eq!(muster.deregister("cart", "c-1").await, 204);
+    let after_one = muster.udp("cart.svc.internal.", RecordType::A).await;
+    assert_eq!(addresses(&after_one), ips(&["10.0.2.2"]));
+    let gone_instance = muster.udp("c-1.cart.svc.internal.", RecordType::A).await;
+    assert_negative(&gone_instance, ResponseCode::NXDomain);
+
+    assert_eq!(muster.deregister("cart", "c-2").await, 204);
+    for transport in BOTH {
+        let gone = ask(&muster, transport, "cart.svc.internal.", RecordType::A).await;
+        assert_negative(&gone, ResponseCode::NXDomain);
+    }
+    muster.stop().await;
+}
+
+#[tokio::test]
+async fn negative_answers_carry_the_soa() {
+    let muster = start().await;
+    muster
+        .register_ok(
+            "web",
+            "w-1",
+            json!({"address": "10.0.3.1", "port": 80, "ports": {"http": 80}, "tags": ["blue"]}),
+        )
+        .await;
+    for transport in BOTH {
+        let unknown = ask(&muster, transport, "nothing.svc.internal.", RecordType::A).await;
+        assert_negative(&unknown, ResponseCode::NXDomain);
+        let deeper = ask(
+            &muster,
+            transport,
+            "a.b.w-1.web.svc.internal.",
+            RecordType::A,
+        )
+        .await;
+        assert_negative(&deeper, ResponseCode::NXDomain);
+        let no_aaaa = ask(&muster, transport, "web.svc.internal.", RecordType::AAAA).await;
+        assert_negative(&no_aaaa, ResponseCode::NoError);
+        let no_mx = ask(&muster, transport, "w-1.web.svc.internal.", RecordType::MX).await;
+        assert_negative(&no_mx, ResponseCode::NoError);
+        // Empty non-terminals above names that exist are NODATA, never NXDOMAIN.
+        for ent in ["_tcp.web.svc.internal.", "tag.web.svc.internal."] {
+            let answer = ask(&muster, transport, ent, RecordType::A).await;
+            assert_negative(&answer, ResponseCode::NoError);
+        }
+        let no_udp_ports = ask(&muster, transport, "_udp.web.svc.internal.", RecordType::A).await;
+        assert_negative(&no_udp_ports, ResponseCode::NXDomain);
+        let unknown_tag = ask(
+            &muster,
+            transport,
+            "green.tag.web.svc.internal.",
+            RecordType::A,
+        )
+        .await;
+        assert_negative(&unknown_tag, ResponseCode::NXDomain);
+    }
+    muster.stop().await;
+}
+
+#[tokio::test]
+async fn names_outside_every_zone_are_refused() {
+    let muster = start().await;
+    for transport in BOTH {
+        for name in ["example.com.", "internal.", "."] {
+            let answer = ask(&muster, transport, name, RecordType::A).await;
+            assert_eq!(
+                answer.metadata.response_code,
+                ResponseCode::Refused,
+                "{name}"
+            );
+            assert!(!answer.metadata.authoritative);
+            assert!(answer.answers.is_empty());
+        }
+    }
+    muster.stop().await;
+}
+
+#[tokio::test]
+async fn static_zone_records_and_apex_are_served() {
+    let muster = start().await;
+    let gateway = muster.udp("gateway.svc.internal.", RecordType::A).await;
+    assert_eq!(addresses(&gateway), ips(&["127.0.0.1"]));
+    let soa = muster.udp("svc.internal.", RecordType::SOA).await;
+    assert_authoritative(&soa);
+    assert!(matches!(soa.answers[0].data, RData::SOA(_)));
+    let ns = muster.tcp("svc.internal.", RecordType::NS).await;
+    assert!(matches!(ns.answers[0].data, RData::NS(_)));
+    assert_eq!(addresses_in(&ns.additionals), ips(&["127.0.0.1"]));
+
+    // A registered service hides a static record of the same name.
+    muster
+        .register_ok("gateway", "g-1", instance("10.9.9.9", 80))
+        .await;
+    let overlaid = muster.udp("gateway.svc.internal.", RecordType::A).await;
+    assert_eq!(addresses(&overlaid), ips(&["10.9.9.9"]));
+    muster.stop().await;
+}
+
+#[tokio::test]
+async fn udp_truncates_large_answers_and_tcp_carries_them_whole() {
+    let muster = start().await;
+    for i in 0..200u16 {
+        let address = format!("10.1.{}.{}", i / 250, i % 250 + 1);
+        muster
+            .register_ok("big", &format!("b-{i}"), instance(&address, 80))
+            .await;
+    }
+    for edns in [None, Some(512), Some(1232), Some(4096)] {
+        let reply = query_udp(muster.dns, &query("big.svc.internal.", RecordType::A, edns)).await;
+        assert!(reply.metadata.truncation, "TC set with EDNS {edns:?}");
+        assert!(reply.answers.is_empty(), "no partial RRset");
+        assert_eq!(reply.queries.len(), 1);
+        assert_eq!(
+            reply.edns.is_some(),
+            edns.is_some(),
+            "OPT kept when the query had one"
+        );
+    }
+    let whole = query_tcp(
+        muster.dns,
+        &query("big.svc.internal.", RecordType::A, Some(1232)),
+    )
+    .await;
+    assert!(!whole.metadata.truncation);
+    assert_eq!(addresses(&whole).len(), 200);
+    let srv_whole = muster.tcp("big.svc.internal.", RecordType::SRV).await;
+    assert_eq!(srv(&srv_whole).len(), 200);
+    muster.stop().await;
+}
+
+#[tokio::test]
+async fn udp_answers_respect_the_payload_size() {
+    let muster = start().await;
+    // 40 A records: ~660 bytes, over 512 but within 1232.
+    for i in 0..40u16 {
+        muster
+            .register_ok(
+                "mid",
+                &format!("m-{i}"),
+                instance(&format!("10.2.0.{}", i + 1), 80),
+            )
+            .await;
+    }
+    let classic = query_udp(muster.dns, &query("mid.svc.internal.", RecordType::A, None)).await;
+    assert!(classic.metadata.truncation);
+    let edns = query_udp(
+        muster.dns,
+        &query("mid.svc.internal.", RecordType::A, Some(1232)),
+    )
+    .await;
+    assert!(!edns.metadata.truncation);
+    assert_eq!(edns.answers.len(), 40);
+    assert_eq!(edns.edns.as_ref().unwrap().max_payload(), 1232);
+    muster.stop().await;
+}
+
+#[tokio::test]
+async fn answers_rotate_between_queries() {
+    let muster = start().await;
+    for i in 1..=3u8 {
+        muster
+            .register_ok(
+                "rr",
+                &format!("r-{i}"),
+                instance(&format!("10.3.0.{i}"), 80),
+            )
+            .await;
+    }
+    let mut firsts = BTreeSet::new();
+    for _ in 0..3 {
+        let reply = muster.udp("rr.svc.internal.", RecordType::A).await;
+        assert_eq!(reply.answers.len(), 3);
+        firsts.insert(addresses_in(&reply.answers[..1]));
+    }
+    assert!(firsts.len() > 1, "the first record changes between queries");
+    muster.stop().await;
+}
+
+#[tokio::test]
+async fn the_question_is_echoed_in_the_clients_case() {
+    let muster = start().await;
+    muster
+        .register_ok("mixed", "m-1", instance("10.4.0.1", 80))
+        .await;
+    let reply = muster.udp("MiXeD.SvC.InTeRnAl.", RecordType::A).await;
+    assert_eq!(reply.queries[0].name().to_string(), "MiXeD.SvC.InTeRnAl.");
+    assert_eq!(addresses(&reply), ips(&["10.4.0.1"]));
+    muster.stop().await;
+}
+
+#[tokio::test]
+async fn other_opcodes_are_not_implemented() {
+    let muster = start().await;
+    let mut message = query("svc.internal.", RecordType::SOA, None);
+    message.metadata.op_code = OpCode::Status;
+    for reply in [
+        query_udp(muster.dns, &message).await,
+        query_tcp(muster.dns, &message).await,
+    ] {
+        assert_eq!(reply.metadata.response_code, ResponseCode::NotImp);
+    }
+    muster.stop().await;
+}
+
+#[tokio::test]
+async fn malformed_packets_get_formerr_or_nothing_and_serving_goes_on() {
+    let muster = start().await;
+    muster
+        .register_ok("alive", "a-1", instance("10.5.0.1", 80))
+        .await;
+    // A header that promises one question, and no question.
+    let header_only = [0xab, 0xcd, 0x01, 0x00, 0x00, 0x01, 0, 0, 0, 0, 0, 0];
+    let reply = exchange_udp(muster.dns, &header_only, support::DEADLINE)
+        .await
+        .expect("FORMERR");
+    let reply = Message::from_vec(&reply).unwrap();
+    assert_eq!(reply.metadata.id, 0xabcd);
+    assert_eq!(reply.metadata.response_code, ResponseCode::FormErr);
+
+    // Too short to be a header, and a response instead of a query: no reply.
+    let short_wait = std::time::Duration::from_millis(300);
+    assert!(
+        exchange_udp(muster.dns, &[1, 2, 3], short_wait)
+            .await
+            .is_none()
+    );
+    let mut response = query("alive.svc.internal.", RecordType::A, None);
+    response.metadata.message_type = MessageType::Response;
+    assert!(
+        exchange_udp(muster.dns, &response.to_vec().unwrap(), short_wait)
+            .await
+            .is_none()
+    );
+
+    // Garbage of many shapes, then a real query still answers.
+    for seed in 0..200u32 {
+        let garbage: Vec<u8> = (0..(seed % 64 + 12))
+            .map(|i| (seed.wrapping_mul(2654435761).wrapping_add(i * 40503) >> 7) as u8)
+            .collect();
+        let _ = exchange_udp(muster.dns, &garbage, std::time::Duration::from_millis(5)).await;
+    }
+    let mut two_questions = query("alive.svc.internal.", RecordType::A, None);
+    two_questions.add_query(hickory_proto::op::Query::query(
+        Name::from_ascii("alive.svc.internal.").unwrap(),
+        RecordType::AAAA,
+    ));
+    let reply = query_udp(muster.dns, &two_questions).await;
+    assert_eq!(reply.metadata.response_code, ResponseCode::FormErr);
+    let alive = muster.udp("alive.svc.internal.", RecordType::A).await;
+    assert_eq!(addresses(&alive), ips(&["10.5.0.1"]));
+    muster.stop().await;
+}
+
+#[tokio::test]
+async fn edns_versions_above_zero_get_badvers() {
+    let muster = start().await;
+    let mut message = query("svc.internal.", RecordType::SOA, Some(1232));
+    message.edns.as_mut().unwrap().set_version(1);
+    let reply = query_udp(muster.dns, &message).await;
+    // BADVERS and BADSIG share the value 16; hickory decodes it as BADSIG.
+    assert_eq!(u16::from(reply.metadata.response_code), 16, "BADVERS");
+    assert!(reply.edns.is_some());
+    muster.stop().await;
+}
+
+#[tokio::test]
+async fn ttls_follow_the_config() {
+    let mut config = support::test_config();
+    config.dns.ttl = std::time::Duration::from_secs(30);
+    config.dns.negative_ttl = std::time::Duration::from_secs(2);
+    let muster = support::start_with(config).await;
+    muster
+        .register_ok("slow", "s-1", instance("10.6.0.1", 80))
+        .await;
+    let reply = muster.udp("slow.svc.internal.", RecordType::A).await;
+    assert_eq!(reply.answers[0].ttl, 30);
+    let missing = muster.udp("fast.svc.internal.", RecordType::A).await;
+    let RData::SOA(soa) = &missing.authorities[0].data else {
+        panic!("no SOA")
+    };
+    assert_eq!(soa.minimum, 2);
+    assert_eq!(missing.authorities[0].ttl, 2);
+    muster.stop().await;
+}

@@ -1,0 +1,197 @@
+//! Shared by the black-box tests: a real muster on ephemeral loopback
+//! ports, an HTTP client, and a DNS client that speaks the wire format
+//! over real UDP and TCP sockets (hickory-proto's codec).
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use hickory_proto::op::{Edns, Message, Query};
+use hickory_proto::rr::{Name, RecordType};
+use muster::{Config, Running};
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UdpSocket};
+
+/// How long any single network exchange in a test may take.
+pub const DEADLINE: Duration = Duration::from_secs(5);
+
+/// A muster started for one test.
+pub struct Muster {
+    pub dns: SocketAddr,
+    pub api: SocketAddr,
+    pub http: reqwest::Client,
+    running: Option<Running>,
+    _data: tempfile::TempDir,
+}
+
+/// The repository's `zones/` folder.
+pub fn repo_zones() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("zones")
+}
+
+/// A config on ephemeral loopback ports with the repository's zones.
+pub fn test_config() -> Config {
+    let mut config = Config::default();
+    config.dns.listen = vec!["127.0.0.1:0".parse().unwrap()];
+    config.api.listen = "127.0.0.1:0".parse().unwrap();
+    config.gateway.listen = "127.0.0.1:0".parse().unwrap();
+    config.zones_dir = repo_zones();
+    config
+}
+
+pub async fn start() -> Muster {
+    start_with(test_config()).await
+}
+
+pub async fn start_with(mut config: Config) -> Muster {
+    let data = tempfile::tempdir().unwrap();
+    config.data_dir = data.path().to_path_buf();
+    let running = muster::start(&config).await.expect("muster starts");
+    Muster {
+        dns: running.dns[0],
+        api: running.api,
+        http: reqwest::Client::builder()
+            .timeout(DEADLINE)
+            .build()
+            .unwrap(),
+        running: Some(running),
+        _data: data,
+    }
+}
+
+impl Muster {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.api, path)
+    }
+
+    /// PUTs `body` as the instance `service/id`; returns status and JSON.
+    pub async fn register(&self, service: &str, id: &str, body: Value) -> (u16, Value) {
+        let response = self
+            .http
+            .put(self.url(&format!("/v1/services/{service}/instances/{id}")))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        status_and_json(response).await
+    }
+
+    /// Registers and insists it worked.
+    pub async fn register_ok(&self, service: &str, id: &str, body: Value) -> Value {
+        let (status, json) = self.register(service, id, body).await;
+        assert_eq!(status, 200, "registering {service}/{id}: {json}");
+        json
+    }
+
+    pub async fn deregister(&self, service: &str, id: &str) -> u16 {
+        self.http
+            .delete(self.url(&format!("/v1/services/{service}/instances/{id}")))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        let response = self.http.get(self.url(path)).send().await.unwrap();
+        status_and_json(response).await
+    }
+
+    pub async fn udp(&self, name: &str, rtype: RecordType) -> Message {
+        query_udp(self.dns, &query(name, rtype, Some(1232))).await
+    }
+
+    pub async fn tcp(&self, name: &str, rtype: RecordType) -> Message {
+        query_tcp(self.dns, &query(name, rtype, Some(1232))).await
+    }
+
+    /// Stops the server and checks it drained cleanly.
+    pub async fn stop(mut self) {
+        let running = self.running.take().unwrap();
+        running.stop(DEADLINE).await.expect("clean shutdown");
+    }
+}
+
+pub async fn status_and_json(response: reqwest::Response) -> (u16, Value) {
+    let status = response.status().as_u16();
+    let text = response.text().await.unwrap();
+    let json = if text.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}"))
+    };
+    (status, json)
+}
+
+/// A query message; `edns` is the advertised UDP payload size, if any.
+pub fn query(name: &str, rtype: RecordType, edns: Option<u16>) -> Message {
+    let mut message = Message::query();
+    message.metadata.id = rand_id();
+    message.add_query(Query::query(Name::from_ascii(name).unwrap(), rtype));
+    if let Some(size) = edns {
+        let mut opt = Edns::new();
+        opt.set_max_payload(size);
+        message.set_edns(opt);
+    }
+    message
+}
+
+fn rand_id() -> u16 {
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0x4d55);
+    NEXT.fetch_add(7919, Ordering::Relaxed)
+}
+
+/// Sends raw bytes over UDP; the reply's bytes, or `None` if none came
+/// before `wait`.
+pub async fn exchange_udp(server: SocketAddr, bytes: &[u8], wait: Duration) -> Option<Vec<u8>> {
+    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    socket.send_to(bytes, server).await.unwrap();
+    let mut buffer = vec![0u8; 65535];
+    let received = tokio::time::timeout(wait, socket.recv(&mut buffer)).await;
+    received.ok().map(|n| buffer[..n.unwrap()].to_vec())
+}
+
+pub async fn query_udp(server: SocketAddr, message: &Message) -> Message {
+    let reply = exchange_udp(server, &message.to_vec().unwrap(), DEADLINE)
+        .await
+        .expect("a UDP reply before the deadline");
+    let reply = Message::from_vec(&reply).expect("a well-formed reply");
+    assert_eq!(reply.metadata.id, message.metadata.id);
+    reply
+}
+
+/// Sends raw bytes over TCP with the two-byte length prefix.
+pub async fn exchange_tcp(server: SocketAddr, bytes: &[u8]) -> Vec<u8> {
+    let mut stream = tokio::time::timeout(DEADLINE, TcpStream::connect(server))
+        .await
+        .unwrap()
+        .unwrap();
+    let length = u16::try_from(bytes.len()).unwrap().to_be_bytes();
+    stream.write_all(&length).await.unwrap();
+    stream.write_all(bytes).await.unwrap();
+    let mut length = [0u8; 2];
+    tokio::time::timeout(DEADLINE, stream.read_exact(&mut length))
+        .await
+        .expect("a TCP reply before the deadline")
+        .unwrap();
+    let mut reply = vec![0u8; usize::from(u16::from_be_bytes(length))];
+    stream.read_exact(&mut reply).await.unwrap();
+    reply
+}
+
+pub async fn query_tcp(server: SocketAddr, message: &Message) -> Message {
+    let reply = exchange_tcp(server, &message.to_vec().unwrap()).await;
+    let reply = Message::from_vec(&reply).expect("a well-formed reply");
+    assert_eq!(reply.metadata.id, message.metadata.id);
+    reply
+}
+
+/// An instance body with an address and port.
+pub fn instance(address: &str, port: u16) -> Value {
+    serde_json::json!({"address": address, "port": port})
+}
