@@ -2,7 +2,7 @@
 //!
 //! This file holds the module tree and the assembly: [`start`] binds every
 //! listener from a [`Config`], spawns the servers, and returns a
-//! [`Running`] handle that stops them together. Binding happens before
+//! [`Running`] handle that reloads zones and stops everything together. Binding happens before
 //! anything is served, so when `start` returns every socket is ready.
 
 pub mod api;
@@ -14,6 +14,7 @@ pub mod telemetry;
 
 use std::io;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -50,6 +51,7 @@ pub struct Running {
     pub dns: Vec<SocketAddr>,
     pub api: SocketAddr,
     pub registry: Arc<Registry>,
+    reloader: Reloader,
     shutdown: CancellationToken,
     tasks: JoinSet<io::Result<()>>,
 }
@@ -67,6 +69,10 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
     } = config;
     let registry = Arc::new(Registry::new());
     let authority = Arc::new(authority(config, dns, zones_dir, &registry)?);
+    let reloader = Reloader {
+        authority: authority.clone(),
+        zones_dir: zones_dir.clone(),
+    };
     let shutdown = CancellationToken::new();
     let mut tasks = JoinSet::new();
     let dns_addrs = start_dns(dns, authority, &shutdown, &mut tasks).await?;
@@ -75,9 +81,27 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
         dns: dns_addrs,
         api: api_addr,
         registry,
+        reloader,
         shutdown,
         tasks,
     })
+}
+
+/// Reloads what can change without a restart (SIGHUP): the static zones.
+#[derive(Clone)]
+pub struct Reloader {
+    authority: Arc<Authority>,
+    zones_dir: PathBuf,
+}
+
+impl Reloader {
+    /// Re-reads every zone file. On any error the zones being served stay
+    /// as they were and the error is returned.
+    pub fn reload(&self) -> Result<(), ZoneError> {
+        let zones = load_dir(&self.zones_dir)?;
+        self.authority.replace_zones(zones);
+        Ok(())
+    }
 }
 
 fn authority(
@@ -147,6 +171,11 @@ async fn start_api(
 }
 
 impl Running {
+    /// A handle that reloads the zones while serving.
+    pub fn reloader(&self) -> Reloader {
+        self.reloader.clone()
+    }
+
     /// A token that stops every listener when cancelled.
     pub fn shutdown_token(&self) -> CancellationToken {
         self.shutdown.clone()

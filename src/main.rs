@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use tracing::info;
+use tracing::{info, warn};
 
 use muster::{Config, telemetry};
 
@@ -83,10 +83,11 @@ async fn serve(path: Option<PathBuf>) -> anyhow::Result<()> {
     info!(dns = %dns.join(","), api = %running.api, "muster ready");
     let shutdown = running.shutdown_token();
     tokio::spawn(async move {
-        wait_for_signal().await;
+        wait_for_termination().await;
         info!("shutting down");
         shutdown.cancel();
     });
+    tokio::spawn(reload_on_hangup(running.reloader()));
     let token = running.shutdown_token();
     let wait = running.wait();
     tokio::pin!(wait);
@@ -100,7 +101,22 @@ async fn serve(path: Option<PathBuf>) -> anyhow::Result<()> {
         .context("serving")
 }
 
-async fn wait_for_signal() {
+/// Reloads the zones on every SIGHUP; a failed reload keeps the old ones.
+async fn reload_on_hangup(reloader: muster::Reloader) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+        warn!("cannot listen for SIGHUP; reload needs a restart");
+        return;
+    };
+    while hangups.recv().await.is_some() {
+        match reloader.reload() {
+            Ok(()) => info!("zones reloaded"),
+            Err(error) => warn!(error = %error, "zone reload failed; serving the previous zones"),
+        }
+    }
+}
+
+async fn wait_for_termination() {
     use tokio::signal::unix::{SignalKind, signal};
     let mut terminate = signal(SignalKind::terminate()).ok();
     tokio::select! {

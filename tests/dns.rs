@@ -548,3 +548,49 @@ async fn ttls_follow_the_config() {
     assert_eq!(missing.authorities[0].ttl, 2);
     muster.stop().await;
 }
+
+const EXAMPLE_ZONE: &str =
+    "$TTL 60\n@ IN SOA ns hostmaster 1 3600 600 86400 30\n@ IN NS ns\nns IN A 127.0.0.1\n";
+
+#[tokio::test]
+async fn zones_reload_while_serving_and_a_bad_reload_keeps_the_old_zones() {
+    let zones = tempfile::tempdir().unwrap();
+    let file = zones.path().join("example.internal.zone");
+    std::fs::write(&file, format!("{EXAMPLE_ZONE}www IN A 10.8.0.1\n")).unwrap();
+    let mut config = support::test_config();
+    config.zones_dir = zones.path().to_path_buf();
+    let muster = support::start_with(config).await;
+    let before = muster.udp("www.example.internal.", RecordType::A).await;
+    assert_eq!(addresses(&before), ips(&["10.8.0.1"]));
+    let registry_zone = muster.udp("svc.internal.", RecordType::SOA).await;
+    assert_eq!(
+        registry_zone.metadata.response_code,
+        ResponseCode::NoError,
+        "synthesized SOA"
+    );
+
+    std::fs::write(
+        &file,
+        format!("{EXAMPLE_ZONE}www IN A 10.8.0.2\napi IN A 10.8.0.3\n"),
+    )
+    .unwrap();
+    muster.reloader().reload().unwrap();
+    let after = muster.udp("www.example.internal.", RecordType::A).await;
+    assert_eq!(addresses(&after), ips(&["10.8.0.2"]));
+    let added = muster.tcp("api.example.internal.", RecordType::A).await;
+    assert_eq!(addresses(&added), ips(&["10.8.0.3"]));
+
+    std::fs::write(&file, format!("{EXAMPLE_ZONE}www IN A 10.8.0.999\n")).unwrap();
+    let error = muster.reloader().reload().unwrap_err();
+    assert!(
+        error.to_string().contains("example.internal.zone:5"),
+        "{error}"
+    );
+    let kept = muster.udp("www.example.internal.", RecordType::A).await;
+    assert_eq!(
+        addresses(&kept),
+        ips(&["10.8.0.2"]),
+        "the old zones still serve"
+    );
+    muster.stop().await;
+}

@@ -7,6 +7,8 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use arc_swap::ArcSwap;
+
 use hickory_proto::op::{LowerQuery, ResponseCode};
 use hickory_proto::rr::rdata::{A, AAAA, SRV};
 use hickory_proto::rr::{DNSClass, LowerName, Name, RData, Record, RecordType};
@@ -60,10 +62,12 @@ pub struct RegistryZone {
 /// static zones.
 pub struct Authority {
     registry: Arc<Registry>,
-    zones: ZoneSet,
+    /// Replaced whole on reload; readers never lock.
+    zones: ArcSwap<ZoneSet>,
     origin: Name,
     lower_origin: LowerName,
     ttl: u32,
+    negative_ttl: u32,
     /// Advances on every answer so clients see the records rotate.
     rotation: AtomicUsize,
 }
@@ -71,25 +75,28 @@ pub struct Authority {
 impl Authority {
     /// `zones` may hold a static zone for the registry zone; if not, one
     /// with a synthesized SOA and NS is added.
-    pub fn new(registry: Arc<Registry>, mut zones: ZoneSet, zone: RegistryZone) -> Self {
-        let lower_origin = LowerName::new(&zone.origin);
-        match zones.get_mut(&lower_origin) {
-            Some(existing) => existing.set_negative_ttl(zone.negative_ttl),
-            None => zones.insert(StaticZone::synthesized(&zone.origin, zone.negative_ttl)),
-        }
-        Self {
+    pub fn new(registry: Arc<Registry>, zones: ZoneSet, zone: RegistryZone) -> Self {
+        let authority = Self {
             registry,
-            zones,
+            zones: ArcSwap::default(),
+            lower_origin: LowerName::new(&zone.origin),
             origin: zone.origin,
-            lower_origin,
             ttl: zone.ttl,
+            negative_ttl: zone.negative_ttl,
             rotation: AtomicUsize::new(0),
-        }
+        };
+        authority.replace_zones(zones);
+        authority
     }
 
-    /// The origins of every zone served, the registry zone included.
-    pub fn origins(&self) -> impl Iterator<Item = &LowerName> {
-        self.zones.origins()
+    /// Serves `zones` from the next query on; queries in flight finish
+    /// with the zones they started with.
+    pub fn replace_zones(&self, mut zones: ZoneSet) {
+        match zones.get_mut(&self.lower_origin) {
+            Some(existing) => existing.set_negative_ttl(self.negative_ttl),
+            None => zones.insert(StaticZone::synthesized(&self.origin, self.negative_ttl)),
+        }
+        self.zones.store(Arc::new(zones));
     }
 
     /// Answers `query` as an authoritative server.
@@ -98,22 +105,23 @@ impl Authority {
             return Answer::error(ResponseCode::Refused);
         }
         let name = query.name();
-        let Some(zone) = self.zones.find(name) else {
+        let zones = self.zones.load();
+        let Some(zone) = zones.find(name) else {
             return Answer::error(ResponseCode::Refused);
         };
         let found = if zone.origin() == &self.lower_origin {
-            self.from_registry(name, query.query_type())
+            self.registry_records(name, query.query_type())
         } else {
             None
         };
         match found {
             Some(found) => positive(zone, found),
-            None => from_static(zone, name, query.query_type()),
+            None => static_records(zone, name, query.query_type()),
         }
     }
 
     /// `None` when the registry does not know the name.
-    fn from_registry(&self, name: &LowerName, rtype: RecordType) -> Option<Found> {
+    fn registry_records(&self, name: &LowerName, rtype: RecordType) -> Option<Found> {
         let relative = usize::from(name.num_labels() - self.lower_origin.num_labels());
         let labels: Vec<&str> = name
             .iter()
@@ -278,7 +286,7 @@ fn positive(zone: &StaticZone, found: Found) -> Answer {
     }
 }
 
-fn from_static(zone: &StaticZone, name: &LowerName, rtype: RecordType) -> Answer {
+fn static_records(zone: &StaticZone, name: &LowerName, rtype: RecordType) -> Answer {
     match zone.lookup(name, rtype) {
         Lookup::Records(records) => Answer {
             rcode: ResponseCode::NoError,

@@ -198,10 +198,6 @@ impl ZoneSet {
         self.zones
             .sort_by_key(|z| std::cmp::Reverse(z.origin.num_labels()));
     }
-
-    pub fn origins(&self) -> impl Iterator<Item = &LowerName> {
-        self.zones.iter().map(|z| &z.origin)
-    }
 }
 
 /// Loads every `*.zone` file in `dir`; the origin defaults to the file

@@ -109,6 +109,10 @@ impl Muster {
         query_tcp(self.dns, &query(name, rtype, Some(1232))).await
     }
 
+    pub fn reloader(&self) -> muster::Reloader {
+        self.running.as_ref().unwrap().reloader()
+    }
+
     /// Stops the server and checks it drained cleanly.
     pub async fn stop(mut self) {
         let running = self.running.take().unwrap();
