@@ -106,6 +106,10 @@ struct Served {
     child: Child,
     dns: SocketAddr,
     api: SocketAddr,
+    /// Every stderr line so far.
+    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    /// Reads stderr until the process closes it.
+    reader: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Drop for Served {
@@ -118,18 +122,21 @@ impl Drop for Served {
 fn serve(config: &str) -> Served {
     let mut child = Command::new(BIN)
         .args(["serve", "--config", config])
-        .env("RUST_LOG", "info")
+        .env_remove("RUST_LOG")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let (sender, receiver) = std::sync::mpsc::channel();
     let stderr = child.stderr.take().unwrap();
-    std::thread::spawn(move || {
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let lines = log.clone();
+    let reader = std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             if line.contains("muster ready") {
-                let _ = sender.send(line);
+                let _ = sender.send(line.clone());
             }
+            lines.lock().unwrap().push(line);
         }
     });
     let line = receiver
@@ -147,6 +154,8 @@ fn serve(config: &str) -> Served {
         dns: field("dns="),
         api: field("api="),
         child,
+        log,
+        reader: Some(reader),
     }
 }
 
@@ -220,6 +229,15 @@ async fn serve_registers_resolves_reloads_on_sighup_and_stops_on_sigterm() {
         matches!(&reply.answers[..], [r] if matches!(&r.data, RData::A(a) if a.0.to_string() == "10.7.0.1"))
     );
 
+    for _ in 0..3 {
+        let over_tcp = support::query_tcp(
+            served.dns,
+            &query("payment.svc.internal.", RecordType::A, None),
+        )
+        .await;
+        assert_eq!(over_tcp.answers.len(), 1);
+    }
+
     let mut text = std::fs::read_to_string(&zone_file).unwrap();
     text.push_str("added IN A 10.7.0.2\n");
     std::fs::write(&zone_file, text).unwrap();
@@ -234,4 +252,16 @@ async fn serve_registers_resolves_reloads_on_sighup_and_stops_on_sigterm() {
     let exit =
         wait_for_exit(&mut served.child, Duration::from_secs(15)).expect("exits after SIGTERM");
     assert!(exit.success(), "clean exit: {exit:?}");
+    served.reader.take().unwrap().join().unwrap();
+    let log = served.log.lock().unwrap().clone();
+    assert!(log.iter().any(|l| l.contains("zones reloaded")), "{log:#?}");
+    assert!(log.iter().any(|l| l.contains("shutting down")), "{log:#?}");
+    let per_query: Vec<&String> = log
+        .iter()
+        .filter(|l| l.contains("payment.svc.internal") || l.contains("request:"))
+        .collect();
+    assert!(
+        per_query.is_empty(),
+        "no per-query lines at info: {per_query:#?}"
+    );
 }
