@@ -15,7 +15,7 @@ use muster::dns::{Authority, RegistryZone, respond};
 use muster::registry::{Change, InstanceSpec, Registry};
 
 fn authority(services: usize) -> Authority {
-    let registry = Arc::new(Registry::new());
+    let registry = Arc::new(Registry::default());
     for s in 0..services {
         for i in 0..3 {
             let spec: InstanceSpec = serde_json::from_value(serde_json::json!({
@@ -27,7 +27,9 @@ fn authority(services: usize) -> Authority {
             let instance = spec
                 .into_instance(&format!("svc-{s}"), &format!("i-{i}"))
                 .unwrap();
-            registry.apply(Change::Register(instance)).unwrap();
+            registry
+                .apply(Change::Register(Box::new(instance)))
+                .unwrap();
         }
     }
     Authority::new(

@@ -38,6 +38,8 @@ pub struct DnsConfig {
     /// A TCP connection that sends no query for this long is closed.
     #[serde(with = "duration")]
     pub tcp_idle_timeout: Duration,
+    /// Hand out only passing instances; by default warning ones serve too.
+    pub only_passing: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -89,6 +91,7 @@ impl Default for DnsConfig {
             ttl: Duration::from_secs(5),
             negative_ttl: Duration::from_secs(5),
             tcp_idle_timeout: Duration::from_secs(10),
+            only_passing: false,
         }
     }
 }
@@ -284,6 +287,7 @@ mod tests {
             ttl = "10s"
             negative_ttl = "1m"
             tcp_idle_timeout = "500ms"
+            only_passing = true
             [api]
             listen = "127.0.0.1:9500"
             [gateway]
@@ -301,6 +305,7 @@ mod tests {
         assert_eq!(config.dns.negative_ttl, Duration::from_secs(60));
         assert_eq!(config.zone_fqdn(), "example.internal.");
         assert!(!config.gateway.enabled);
+        assert!(config.dns.only_passing);
         assert_eq!(config.log.format, LogFormat::Json);
     }
 

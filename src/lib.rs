@@ -29,6 +29,7 @@ use crate::config::{ApiConfig, DnsConfig, ttl_seconds};
 use crate::dns::zones::{ZoneError, load_dir};
 use crate::dns::{Authority, RegistryZone};
 use crate::registry::Registry;
+use crate::registry::health::HealthHandle;
 
 /// Why muster could not start.
 #[derive(Debug, thiserror::Error)]
@@ -67,7 +68,7 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
         gateway: _, // the front door arrives with issue 5
         log: _,     // applied by telemetry::init before start
     } = config;
-    let registry = Arc::new(Registry::new());
+    let registry = Arc::new(Registry::new(dns.only_passing));
     let authority = Arc::new(authority(config, dns, zones_dir, &registry)?);
     let reloader = Reloader {
         authority: authority.clone(),
@@ -75,8 +76,10 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
     };
     let shutdown = CancellationToken::new();
     let mut tasks = JoinSet::new();
+    let (health, checker) = registry::health::spawn(registry.clone(), shutdown.clone());
+    tasks.spawn(async move { checker.await.map_err(io::Error::other) });
     let dns_addrs = start_dns(dns, authority, &shutdown, &mut tasks).await?;
-    let api_addr = start_api(api, &registry, &shutdown, &mut tasks).await?;
+    let api_addr = start_api(api, &registry, health, &shutdown, &mut tasks).await?;
     Ok(Running {
         dns: dns_addrs,
         api: api_addr,
@@ -152,6 +155,7 @@ async fn start_dns(
 async fn start_api(
     api: &ApiConfig,
     registry: &Arc<Registry>,
+    health: HealthHandle,
     shutdown: &CancellationToken,
     tasks: &mut JoinSet<io::Result<()>>,
 ) -> Result<SocketAddr, StartError> {
@@ -164,6 +168,7 @@ async fn start_api(
     let addr = listener.local_addr().map_err(bind_error)?;
     let router = api::router(api::AppState {
         registry: registry.clone(),
+        health,
         started: Instant::now(),
     });
     tasks.spawn(api::serve(listener, router, shutdown.clone()));

@@ -3,10 +3,9 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use hickory_proto::rr::{RData, RecordType};
@@ -101,64 +100,6 @@ fn a_bad_zone_file_stops_startup_with_file_and_line() {
     assert!(stderr.contains("broken.internal.zone:4"), "{stderr}");
 }
 
-/// A running `muster serve` and the addresses it reported.
-struct Served {
-    child: Child,
-    dns: SocketAddr,
-    api: SocketAddr,
-    /// Every stderr line so far.
-    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
-    /// Reads stderr until the process closes it.
-    reader: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn serve(config: &str) -> Served {
-    let mut child = Command::new(BIN)
-        .args(["serve", "--config", config])
-        .env_remove("RUST_LOG")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (sender, receiver) = std::sync::mpsc::channel();
-    let stderr = child.stderr.take().unwrap();
-    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let lines = log.clone();
-    let reader = std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if line.contains("muster ready") {
-                let _ = sender.send(line.clone());
-            }
-            lines.lock().unwrap().push(line);
-        }
-    });
-    let line = receiver
-        .recv_timeout(Duration::from_secs(30))
-        .expect("muster reports ready");
-    let field = |key: &str| -> SocketAddr {
-        line.split_whitespace()
-            .find_map(|w| w.strip_prefix(key))
-            .and_then(|v| v.split(',').next())
-            .unwrap_or_else(|| panic!("no {key} in {line}"))
-            .parse()
-            .unwrap()
-    };
-    Served {
-        dns: field("dns="),
-        api: field("api="),
-        child,
-        log,
-        reader: Some(reader),
-    }
-}
-
 fn wait_for_exit(child: &mut Child, deadline: Duration) -> Option<std::process::ExitStatus> {
     let start = Instant::now();
     while start.elapsed() < deadline {
@@ -206,7 +147,7 @@ async fn serve_registers_resolves_reloads_on_sighup_and_stops_on_sigterm() {
     let zone_file = zones.join("svc.internal.zone");
     std::fs::copy(support::repo_zones().join("svc.internal.zone"), &zone_file).unwrap();
     let config = ephemeral_config(dir.path(), &zones);
-    let mut served = serve(&config);
+    let mut served = support::serve(&config);
 
     let client = reqwest::Client::new();
     let response = client

@@ -20,14 +20,37 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
         if !is_json(request.headers()) {
             return Err(ApiError::UnsupportedMediaType);
         }
-        if declared_length(request.headers()).is_some_and(|l| l > MAX_BODY) {
-            return Err(ApiError::TooLarge { limit: MAX_BODY });
-        }
-        let bytes = axum::body::to_bytes(request.into_body(), MAX_BODY)
-            .await
-            .map_err(|_| ApiError::TooLarge { limit: MAX_BODY })?;
+        let bytes = read_limited(request).await?;
         parse(&bytes).map(JsonBody)
     }
+}
+
+/// A JSON body of type `T`, or `T::default()` when the body is empty.
+pub struct OptionalJsonBody<T>(pub T);
+
+impl<T: DeserializeOwned + Default, S: Send + Sync> FromRequest<S> for OptionalJsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, _state: &S) -> Result<Self, ApiError> {
+        let json = is_json(request.headers());
+        let bytes = read_limited(request).await?;
+        if bytes.is_empty() {
+            return Ok(Self(T::default()));
+        }
+        if !json {
+            return Err(ApiError::UnsupportedMediaType);
+        }
+        parse(&bytes).map(OptionalJsonBody)
+    }
+}
+
+async fn read_limited(request: Request) -> Result<axum::body::Bytes, ApiError> {
+    if declared_length(request.headers()).is_some_and(|l| l > MAX_BODY) {
+        return Err(ApiError::TooLarge { limit: MAX_BODY });
+    }
+    axum::body::to_bytes(request.into_body(), MAX_BODY)
+        .await
+        .map_err(|_| ApiError::TooLarge { limit: MAX_BODY })
 }
 
 fn is_json(headers: &HeaderMap) -> bool {

@@ -20,6 +20,13 @@ pub enum ApiError {
     },
     #[error("{0}")]
     NotFound(String),
+    #[error("{message}")]
+    Conflict {
+        field: Option<String>,
+        message: String,
+    },
+    #[error("{0}")]
+    Unavailable(String),
     #[error("method not allowed")]
     MethodNotAllowed,
     #[error("request body is larger than {limit} bytes")]
@@ -32,6 +39,10 @@ impl From<RegistryError> for ApiError {
     fn from(error: RegistryError) -> Self {
         match error {
             RegistryError::InstanceNotFound { .. } => Self::NotFound(error.to_string()),
+            RegistryError::Stale { .. } => Self::Conflict {
+                field: None,
+                message: error.to_string(),
+            },
         }
     }
 }
@@ -48,6 +59,8 @@ impl ApiError {
         match self {
             Self::Invalid(_) | Self::BadRequest { .. } => StatusCode::BAD_REQUEST,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::Conflict { .. } => StatusCode::CONFLICT,
+            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -57,7 +70,7 @@ impl ApiError {
     fn field(&self) -> Option<&str> {
         match self {
             Self::Invalid(e) => Some(&e.field),
-            Self::BadRequest { field, .. } => field.as_deref(),
+            Self::BadRequest { field, .. } | Self::Conflict { field, .. } => field.as_deref(),
             _ => None,
         }
     }

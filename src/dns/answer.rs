@@ -167,8 +167,9 @@ impl Authority {
                 .has_protocol(protocol)
                 .then(Found::default),
             RegistryName::Instance { service, instance } => {
-                let instance = snapshot.service(service)?.instance(instance)?;
-                Some(self.instance_records(instance, &owner, rtype))
+                let service = snapshot.service(service)?;
+                let instance = service.instance(instance)?;
+                Some(self.instance_records(service, instance, &owner, rtype))
             }
         }
     }
@@ -191,8 +192,14 @@ impl Authority {
         }
     }
 
-    fn instance_records(&self, instance: &Instance, owner: &Name, rtype: RecordType) -> Found {
-        let addresses = instance.is_serving().then_some(instance.address);
+    fn instance_records(
+        &self,
+        service: &Service,
+        instance: &Instance,
+        owner: &Name,
+        rtype: RecordType,
+    ) -> Found {
+        let addresses = service.serves(instance).then_some(instance.address);
         Found {
             answers: self.addresses(owner, rtype, addresses.into_iter()),
             additionals: Vec::new(),

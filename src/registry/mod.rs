@@ -6,26 +6,81 @@
 //! lock: they load the current snapshot. This module must never do I/O on
 //! behalf of a reader, and nothing outside it mutates registry state.
 
+pub mod health;
 mod model;
 mod snapshot;
 pub mod validate;
 
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use arc_swap::ArcSwap;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
-pub use model::{Health, HealthStatus, Instance, NamedPort, Protocol};
+pub use model::{
+    CheckKind, CheckSpec, Health, HealthStatus, Instance, MAX_OUTPUT, Maintenance, NamedPort,
+    Protocol,
+};
 pub use snapshot::{Endpoint, PortSelector, Service, Snapshot};
-pub use validate::{InstanceSpec, ValidationError};
+pub use validate::{CheckInput, InstanceSpec, ValidationError};
 
 /// A write to the registry, already validated.
 #[derive(Debug, Clone)]
 pub enum Change {
-    /// Add or replace an instance.
-    Register(Instance),
+    /// Add or replace an instance. Health, maintenance and the check's
+    /// generation carry over when the check itself is unchanged.
+    Register(Box<Instance>),
     /// Remove an instance.
     Deregister { service: String, id: String },
+    /// Record a health transition for the registration `generation`.
+    SetHealth {
+        service: String,
+        id: String,
+        generation: u64,
+        health: Health,
+    },
+    /// Drain the instance (`Some`) or put it back (`None`).
+    SetMaintenance {
+        service: String,
+        id: String,
+        maintenance: Option<Maintenance>,
+    },
+    /// Remove an instance that is still critical in registration
+    /// `generation` (`deregister_after`).
+    Reap {
+        service: String,
+        id: String,
+        generation: u64,
+    },
+}
+
+/// Identifies one instance.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct InstanceKey {
+    pub service: String,
+    pub id: String,
+}
+
+impl InstanceKey {
+    fn of(instance: &Instance) -> Self {
+        Self {
+            service: instance.service.clone(),
+            id: instance.id.clone(),
+        }
+    }
+}
+
+/// What the health checker must know about registry changes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CheckEvent {
+    /// Check `key` with `spec` from now on, starting at `status`.
+    Watch {
+        key: InstanceKey,
+        spec: CheckSpec,
+        generation: u64,
+        status: HealthStatus,
+    },
+    /// Stop checking `key`.
+    Unwatch { key: InstanceKey },
 }
 
 /// What a change did: the instance as stored (or as it was when removed)
@@ -40,12 +95,21 @@ pub struct Applied {
 pub enum RegistryError {
     #[error("instance {id:?} of service {service:?} is not registered")]
     InstanceNotFound { service: String, id: String },
+    #[error("instance {id:?} of service {service:?} was registered again since")]
+    Stale { service: String, id: String },
+}
+
+/// State only writers touch, under the writer lock.
+#[derive(Default)]
+struct Writer {
+    /// Where check events go once a health checker has attached.
+    checks: Option<mpsc::UnboundedSender<CheckEvent>>,
 }
 
 /// The live registry.
 pub struct Registry {
     /// Serialises writers; readers never take it.
-    writer: Mutex<()>,
+    writer: Mutex<Writer>,
     current: ArcSwap<Snapshot>,
     /// Carries the latest version to anyone waiting for a change.
     versions: watch::Sender<u64>,
@@ -53,15 +117,17 @@ pub struct Registry {
 
 impl Default for Registry {
     fn default() -> Self {
-        Self::new()
+        Self::new(false)
     }
 }
 
 impl Registry {
-    pub fn new() -> Self {
+    /// An empty registry; with `only_passing`, instances in warning do not
+    /// serve (`dns.only_passing`).
+    pub fn new(only_passing: bool) -> Self {
         Self {
-            writer: Mutex::new(()),
-            current: ArcSwap::from_pointee(Snapshot::default()),
+            writer: Mutex::new(Writer::default()),
+            current: ArcSwap::from_pointee(Snapshot::empty(only_passing)),
             versions: watch::Sender::new(0),
         }
     }
@@ -81,33 +147,148 @@ impl Registry {
         self.versions.subscribe()
     }
 
+    /// Connects the health checker: every instance with a check as a
+    /// `Watch` event, and the channel that carries later events. Taken
+    /// under the writer lock, so no change falls between the two.
+    pub fn attach_checker(&self) -> (Vec<CheckEvent>, mpsc::UnboundedReceiver<CheckEvent>) {
+        let mut writer = self.lock();
+        let (sender, receiver) = mpsc::unbounded_channel();
+        writer.checks = Some(sender);
+        let snapshot = self.current.load();
+        let watched = snapshot
+            .services()
+            .flat_map(|s| s.instances().iter())
+            .filter_map(|i| watch_event(i))
+            .collect();
+        (watched, receiver)
+    }
+
     /// The only way registry state changes.
     pub fn apply(&self, change: Change) -> Result<Applied, RegistryError> {
-        let _writer = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut writer = self.lock();
         let current = self.current.load_full();
         match change {
-            Change::Register(instance) => Ok(self.register(&current, instance)),
+            Change::Register(instance) => Ok(self.register(&mut writer, &current, *instance)),
             Change::Deregister { service, id } => {
-                let (next, removed) = current
-                    .without_instance(&service, &id)
-                    .ok_or(RegistryError::InstanceNotFound { service, id })?;
-                Ok(self.publish(next, removed))
+                let removed = self.remove(&mut writer, &current, &service, &id)?;
+                Ok(removed)
+            }
+            Change::SetHealth {
+                service,
+                id,
+                generation,
+                health,
+            } => {
+                let existing = current_generation(&current, &service, &id, generation)?;
+                if existing.health.status == health.status {
+                    return Ok(self.unchanged(&current, existing));
+                }
+                let mut updated = Instance::clone(existing);
+                updated.health = health;
+                Ok(self.replace(&current, updated))
+            }
+            Change::SetMaintenance {
+                service,
+                id,
+                maintenance,
+            } => {
+                let existing = found(&current, &service, &id)?;
+                if existing.maintenance.is_some() == maintenance.is_some()
+                    && existing.maintenance.as_ref().map(|m| &m.reason)
+                        == maintenance.as_ref().map(|m| &m.reason)
+                {
+                    return Ok(self.unchanged(&current, existing));
+                }
+                let mut updated = Instance::clone(existing);
+                updated.maintenance = maintenance;
+                Ok(self.replace(&current, updated))
+            }
+            Change::Reap {
+                service,
+                id,
+                generation,
+            } => {
+                let existing = current_generation(&current, &service, &id, generation)?;
+                if existing.health.status != HealthStatus::Critical {
+                    return Err(RegistryError::Stale { service, id });
+                }
+                self.remove(&mut writer, &current, &service, &id)
             }
         }
     }
 
-    fn register(&self, current: &Snapshot, instance: Instance) -> Applied {
-        let existing = current
-            .service(&instance.service)
-            .and_then(|s| s.instance(&instance.id));
-        if let Some(existing) = existing.filter(|e| same_registration(e, &instance)) {
-            return Applied {
-                instance: existing.clone(),
-                version: current.version(),
-            };
+    fn lock(&self) -> MutexGuard<'_, Writer> {
+        self.writer.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn register(&self, writer: &mut Writer, current: &Snapshot, mut instance: Instance) -> Applied {
+        let existing = current.instance(&instance.service, &instance.id);
+        let same_check = existing.is_some_and(|e| e.check == instance.check);
+        match existing {
+            Some(existing) if same_check => {
+                instance.health = existing.health.clone();
+                instance.generation = existing.generation;
+            }
+            _ => instance.generation = current.version() + 1,
         }
+        if let Some(existing) = existing {
+            instance.maintenance = existing.maintenance.clone();
+            if **existing == instance {
+                return self.unchanged(current, existing);
+            }
+        }
+        let event = if same_check {
+            None
+        } else {
+            watch_event(&instance).or_else(|| {
+                existing
+                    .filter(|e| e.check.is_some())
+                    .map(|e| CheckEvent::Unwatch {
+                        key: InstanceKey::of(e),
+                    })
+            })
+        };
+        let applied = self.replace(current, instance);
+        if let Some(event) = event {
+            notify(writer, event);
+        }
+        applied
+    }
+
+    fn remove(
+        &self,
+        writer: &mut Writer,
+        current: &Snapshot,
+        service: &str,
+        id: &str,
+    ) -> Result<Applied, RegistryError> {
+        let (next, removed) = current.without_instance(service, id).ok_or_else(|| {
+            RegistryError::InstanceNotFound {
+                service: service.into(),
+                id: id.into(),
+            }
+        })?;
+        if removed.check.is_some() {
+            notify(
+                writer,
+                CheckEvent::Unwatch {
+                    key: InstanceKey::of(&removed),
+                },
+            );
+        }
+        Ok(self.publish(next, removed))
+    }
+
+    fn replace(&self, current: &Snapshot, instance: Instance) -> Applied {
         let instance = Arc::new(instance);
         self.publish(current.with_instance(instance.clone()), instance)
+    }
+
+    fn unchanged(&self, current: &Snapshot, instance: &Arc<Instance>) -> Applied {
+        Applied {
+            instance: instance.clone(),
+            version: current.version(),
+        }
     }
 
     fn publish(&self, next: Snapshot, instance: Arc<Instance>) -> Applied {
@@ -118,12 +299,53 @@ impl Registry {
     }
 }
 
-/// Whether re-registering `new` over `old` would change nothing but the
-/// time stamp, so an idempotent PUT does not wake watchers.
-fn same_registration(old: &Instance, new: &Instance) -> bool {
-    let mut new_with_old_health = new.clone();
-    new_with_old_health.health = old.health.clone();
-    *old == new_with_old_health
+fn found<'a>(
+    snapshot: &'a Snapshot,
+    service: &str,
+    id: &str,
+) -> Result<&'a Arc<Instance>, RegistryError> {
+    snapshot
+        .instance(service, id)
+        .ok_or_else(|| RegistryError::InstanceNotFound {
+            service: service.into(),
+            id: id.into(),
+        })
+}
+
+fn current_generation<'a>(
+    snapshot: &'a Snapshot,
+    service: &str,
+    id: &str,
+    generation: u64,
+) -> Result<&'a Arc<Instance>, RegistryError> {
+    let existing = found(snapshot, service, id)?;
+    if existing.generation != generation {
+        return Err(RegistryError::Stale {
+            service: service.into(),
+            id: id.into(),
+        });
+    }
+    Ok(existing)
+}
+
+fn watch_event(instance: &Instance) -> Option<CheckEvent> {
+    instance.check.as_ref().map(|spec| CheckEvent::Watch {
+        key: InstanceKey::of(instance),
+        spec: spec.clone(),
+        generation: instance.generation,
+        status: instance.health.status,
+    })
+}
+
+fn notify(writer: &mut Writer, event: CheckEvent) {
+    let delivered = writer
+        .checks
+        .as_ref()
+        .is_some_and(|c| c.send(event).is_ok());
+    if !delivered {
+        // No checker (or it stopped): events would only pile up.
+        writer.checks = None;
+    }
 }
 
 #[cfg(test)]
@@ -138,10 +360,10 @@ mod tests {
 
     #[test]
     fn register_publishes_a_new_version() {
-        let registry = Registry::new();
+        let registry = Registry::default();
         let before = registry.snapshot();
         registry
-            .apply(Change::Register(instance("web", "a", "10.0.0.1")))
+            .apply(Change::Register(Box::new(instance("web", "a", "10.0.0.1"))))
             .unwrap();
         let after = registry.snapshot();
         assert_eq!(before.version() + 1, after.version());
@@ -152,14 +374,14 @@ mod tests {
 
     #[test]
     fn identical_reregistration_is_a_no_op() {
-        let registry = Registry::new();
-        let change = Change::Register(instance("web", "a", "10.0.0.1"));
+        let registry = Registry::default();
+        let change = Change::Register(Box::new(instance("web", "a", "10.0.0.1")));
         registry.apply(change.clone()).unwrap();
         let version = registry.snapshot().version();
         registry.apply(change).unwrap();
         assert_eq!(registry.snapshot().version(), version);
         registry
-            .apply(Change::Register(instance("web", "a", "10.0.0.2")))
+            .apply(Change::Register(Box::new(instance("web", "a", "10.0.0.2"))))
             .unwrap();
         assert_eq!(registry.snapshot().version(), version + 1);
         assert_eq!(registry.snapshot().instance_count(), 1);
@@ -167,12 +389,12 @@ mod tests {
 
     #[test]
     fn deregistering_the_last_instance_removes_the_service() {
-        let registry = Registry::new();
+        let registry = Registry::default();
         registry
-            .apply(Change::Register(instance("web", "a", "10.0.0.1")))
+            .apply(Change::Register(Box::new(instance("web", "a", "10.0.0.1"))))
             .unwrap();
         registry
-            .apply(Change::Register(instance("web", "b", "10.0.0.2")))
+            .apply(Change::Register(Box::new(instance("web", "b", "10.0.0.2"))))
             .unwrap();
         let deregister = |id: &str| Change::Deregister {
             service: "web".into(),
@@ -199,13 +421,13 @@ mod tests {
 
     #[test]
     fn other_services_are_shared_between_snapshots() {
-        let registry = Registry::new();
+        let registry = Registry::default();
         registry
-            .apply(Change::Register(instance("db", "a", "10.0.0.9")))
+            .apply(Change::Register(Box::new(instance("db", "a", "10.0.0.9"))))
             .unwrap();
         let before = registry.snapshot();
         registry
-            .apply(Change::Register(instance("web", "a", "10.0.0.1")))
+            .apply(Change::Register(Box::new(instance("web", "a", "10.0.0.1"))))
             .unwrap();
         let after = registry.snapshot();
         assert!(Arc::ptr_eq(
@@ -216,16 +438,18 @@ mod tests {
 
     #[test]
     fn endpoints_filter_by_tag_and_named_port() {
-        let registry = Registry::new();
+        let registry = Registry::default();
         let spec: InstanceSpec = serde_json::from_value(serde_json::json!({
             "address": "10.0.0.1", "port": 80, "tags": ["v2"], "ports": {"grpc": 9090}
         }))
         .unwrap();
         registry
-            .apply(Change::Register(spec.into_instance("web", "a").unwrap()))
+            .apply(Change::Register(Box::new(
+                spec.into_instance("web", "a").unwrap(),
+            )))
             .unwrap();
         registry
-            .apply(Change::Register(instance("web", "b", "10.0.0.2")))
+            .apply(Change::Register(Box::new(instance("web", "b", "10.0.0.2"))))
             .unwrap();
         let snapshot = registry.snapshot();
         let web = snapshot.service("web").unwrap();

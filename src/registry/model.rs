@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use serde::{Serialize, Serializer};
 
@@ -35,12 +35,89 @@ pub struct NamedPort {
 }
 
 /// Health as DNS and the gateway see it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum HealthStatus {
     Passing,
     Warning,
     Critical,
+}
+
+/// Longest health output kept; longer output is cut at a character boundary.
+pub const MAX_OUTPUT: usize = 4096;
+
+/// `output` cut to at most [`MAX_OUTPUT`] bytes.
+pub fn truncate_output(mut output: String) -> String {
+    if output.len() > MAX_OUTPUT {
+        let mut end = MAX_OUTPUT;
+        while !output.is_char_boundary(end) {
+            end -= 1;
+        }
+        output.truncate(end);
+    }
+    output
+}
+
+/// How an instance's health is established.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum CheckKind {
+    /// The instance heartbeats at least every `ttl`.
+    Ttl {
+        #[serde(serialize_with = "human")]
+        ttl: Duration,
+    },
+    /// muster requests `http` every `interval`.
+    Http {
+        http: String,
+        method: String,
+        headers: BTreeMap<String, String>,
+        #[serde(serialize_with = "human")]
+        interval: Duration,
+        #[serde(serialize_with = "human")]
+        timeout: Duration,
+    },
+    /// muster opens a TCP connection to `tcp` every `interval`.
+    Tcp {
+        tcp: String,
+        #[serde(serialize_with = "human")]
+        interval: Duration,
+        #[serde(serialize_with = "human")]
+        timeout: Duration,
+    },
+}
+
+/// A validated health check.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CheckSpec {
+    #[serde(flatten)]
+    pub kind: CheckKind,
+    pub initial_status: HealthStatus,
+    /// Consecutive good results needed to leave critical.
+    pub success_before_passing: u32,
+    /// Consecutive bad results needed to turn critical.
+    pub failures_before_critical: u32,
+    /// Remove the instance once it has been critical this long.
+    #[serde(serialize_with = "human_option")]
+    pub deregister_after: Option<Duration>,
+}
+
+impl CheckSpec {
+    /// How often an active check probes; `None` for TTL checks.
+    pub fn interval(&self) -> Option<Duration> {
+        match &self.kind {
+            CheckKind::Ttl { .. } => None,
+            CheckKind::Http { interval, .. } | CheckKind::Tcp { interval, .. } => Some(*interval),
+        }
+    }
+}
+
+/// An operator has drained the instance (for a deploy) without removing it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Maintenance {
+    pub reason: String,
+    #[serde(serialize_with = "rfc3339")]
+    pub since: SystemTime,
 }
 
 /// The current health of an instance and since when it has held.
@@ -55,10 +132,22 @@ pub struct Health {
 impl Health {
     /// The health of an instance without a check: passing while registered.
     pub fn passing_now() -> Self {
+        Self::now(HealthStatus::Passing, String::new())
+    }
+
+    pub fn now(status: HealthStatus, output: String) -> Self {
         Self {
-            status: HealthStatus::Passing,
-            output: String::new(),
+            status,
+            output: truncate_output(output),
             since: SystemTime::now(),
+        }
+    }
+
+    /// The health a new registration starts with.
+    pub fn initial(check: Option<&CheckSpec>) -> Self {
+        match check {
+            None => Self::passing_now(),
+            Some(check) => Self::now(check.initial_status, "no check result yet".into()),
         }
     }
 }
@@ -77,16 +166,25 @@ pub struct Instance {
     pub meta: BTreeMap<String, String>,
     pub weight: u16,
     pub priority: u16,
+    pub check: Option<CheckSpec>,
     pub health: Health,
+    pub maintenance: Option<Maintenance>,
+    /// Registry version at which the current check began; health results
+    /// for an older registration are stale and ignored.
+    #[serde(skip)]
+    pub generation: u64,
 }
 
 impl Instance {
-    /// Whether DNS and the gateway may hand this instance out.
-    pub fn is_serving(&self) -> bool {
-        matches!(
-            self.health.status,
-            HealthStatus::Passing | HealthStatus::Warning
-        )
+    /// Whether DNS and the gateway may hand this instance out: not in
+    /// maintenance, and passing (or warning, unless `only_passing`).
+    pub fn is_serving(&self, only_passing: bool) -> bool {
+        self.maintenance.is_none()
+            && match self.health.status {
+                HealthStatus::Passing => true,
+                HealthStatus::Warning => !only_passing,
+                HealthStatus::Critical => false,
+            }
     }
 
     /// Whether the instance carries every one of `tags`.
@@ -101,6 +199,20 @@ impl Instance {
             .get(name)
             .filter(|p| p.protocol == protocol)
             .map(|p| p.port)
+    }
+}
+
+fn human<S: Serializer>(duration: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.collect_str(&humantime::format_duration(*duration))
+}
+
+fn human_option<S: Serializer>(
+    duration: &Option<Duration>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    match duration {
+        Some(duration) => human(duration, serializer),
+        None => serializer.serialize_none(),
     }
 }
 

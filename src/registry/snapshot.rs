@@ -30,6 +30,9 @@ pub struct Service {
     /// Registry version at which this service last changed.
     index: u64,
     instances: Vec<Arc<Instance>>,
+    /// Whether only passing instances serve (`dns.only_passing`); warning
+    /// ones serve too when false.
+    only_passing: bool,
 }
 
 impl Service {
@@ -49,8 +52,14 @@ impl Service {
         self.position(id).ok().map(|i| &self.instances[i])
     }
 
+    /// Whether DNS and the gateway hand out `instance` (healthy enough and
+    /// not in maintenance).
+    pub fn serves(&self, instance: &Instance) -> bool {
+        instance.is_serving(self.only_passing)
+    }
+
     pub fn serving_count(&self) -> usize {
-        self.instances.iter().filter(|i| i.is_serving()).count()
+        self.instances.iter().filter(|i| self.serves(i)).count()
     }
 
     /// The serving instances carrying all of `tags`, with the port chosen by
@@ -63,7 +72,7 @@ impl Service {
     ) -> impl Iterator<Item = Endpoint<'a>> + 'a {
         self.instances
             .iter()
-            .filter(move |i| i.is_serving() && i.has_tags(tags))
+            .filter(move |i| self.serves(i) && i.has_tags(tags))
             .filter_map(move |i| {
                 let port = match port {
                     PortSelector::Default => Some(i.port),
@@ -111,6 +120,7 @@ impl Service {
             name: self.name.clone(),
             index,
             instances,
+            only_passing: self.only_passing,
         }
     }
 
@@ -121,6 +131,7 @@ impl Service {
             name: self.name.clone(),
             index,
             instances,
+            only_passing: self.only_passing,
         }
     }
 }
@@ -131,9 +142,24 @@ pub struct Snapshot {
     version: u64,
     services: imbl::HashMap<Arc<str>, Arc<Service>>,
     instance_count: usize,
+    only_passing: bool,
 }
 
 impl Snapshot {
+    /// An empty registry whose services serve warning instances unless
+    /// `only_passing`.
+    pub(super) fn empty(only_passing: bool) -> Self {
+        Self {
+            only_passing,
+            ..Self::default()
+        }
+    }
+
+    /// The instance `service/id`, if registered.
+    pub fn instance(&self, service: &str, id: &str) -> Option<&Arc<Instance>> {
+        self.service(service)?.instance(id)
+    }
+
     /// Monotonic version, bumped by every change that was applied.
     pub fn version(&self) -> u64 {
         self.version
@@ -173,6 +199,7 @@ impl Snapshot {
                     name: instance.service.as_str().into(),
                     index: version,
                     instances: vec![instance],
+                    only_passing: self.only_passing,
                 }
             }
         };

@@ -4,10 +4,11 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::model::{Health, Instance, NamedPort, Protocol};
+use super::model::{CheckKind, CheckSpec, Health, HealthStatus, Instance, NamedPort, Protocol};
 
 pub const MAX_TAGS: usize = 32;
 pub const MAX_NAMED_PORTS: usize = 16;
@@ -16,6 +17,11 @@ pub const MAX_META_KEY_LEN: usize = 128;
 pub const MAX_META_VALUE_LEN: usize = 512;
 /// An instance id that would make `<tag>.tag.<service>` ambiguous.
 pub const RESERVED_INSTANCE_ID: &str = "tag";
+pub const MAX_CHECK_HEADERS: usize = 32;
+pub const MIN_TTL: Duration = Duration::from_secs(1);
+pub const MIN_INTERVAL: Duration = Duration::from_millis(100);
+pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(10);
+pub const MAX_DAMPING: i64 = 100;
 
 /// A rejected input: which field, and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -48,6 +54,24 @@ pub struct InstanceSpec {
     pub meta: BTreeMap<String, String>,
     pub weight: Option<i64>,
     pub priority: Option<i64>,
+    pub check: Option<CheckInput>,
+}
+
+/// A health check as clients send it: exactly one of `ttl`, `http`, `tcp`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckInput {
+    pub ttl: Option<String>,
+    pub http: Option<String>,
+    pub tcp: Option<String>,
+    pub method: Option<String>,
+    pub headers: Option<BTreeMap<String, String>>,
+    pub interval: Option<String>,
+    pub timeout: Option<String>,
+    pub initial_status: Option<HealthStatus>,
+    pub success_before_passing: Option<i64>,
+    pub failures_before_critical: Option<i64>,
+    pub deregister_after: Option<String>,
 }
 
 /// A named port: a bare number (tcp) or `{"port": 53, "protocol": "udp"}`.
@@ -104,6 +128,7 @@ pub fn instance_id(id: &str) -> Result<String, ValidationError> {
 impl InstanceSpec {
     /// Validates every field and builds the instance to store.
     pub fn into_instance(self, service: &str, id: &str) -> Result<Instance, ValidationError> {
+        let check = self.check.map(CheckInput::into_spec).transpose()?;
         Ok(Instance {
             service: service_name(service)?,
             id: instance_id(id)?,
@@ -114,8 +139,201 @@ impl InstanceSpec {
             meta: meta(self.meta)?,
             weight: in_range("weight", self.weight.unwrap_or(1), 1)?,
             priority: in_range("priority", self.priority.unwrap_or(0), 0)?,
-            health: Health::passing_now(),
+            health: Health::initial(check.as_ref()),
+            check,
+            maintenance: None,
+            generation: 0,
         })
+    }
+}
+
+impl CheckInput {
+    /// Validates the check and fills in its defaults.
+    pub fn into_spec(self) -> Result<CheckSpec, ValidationError> {
+        let kind = match (&self.ttl, &self.http, &self.tcp) {
+            (Some(ttl), None, None) => self.ttl_kind(ttl)?,
+            (None, Some(url), None) => {
+                let (interval, timeout) = self.timing()?;
+                CheckKind::Http {
+                    http: http_url(url)?,
+                    method: http_method(self.method.as_deref())?,
+                    headers: http_headers(self.headers.clone().unwrap_or_default())?,
+                    interval,
+                    timeout,
+                }
+            }
+            (None, None, Some(address)) => {
+                self.reject_http_only()?;
+                let (interval, timeout) = self.timing()?;
+                CheckKind::Tcp {
+                    tcp: tcp_address(address)?,
+                    interval,
+                    timeout,
+                }
+            }
+            _ => {
+                return Err(ValidationError::new(
+                    "check",
+                    "needs exactly one of \"ttl\", \"http\" or \"tcp\"",
+                ));
+            }
+        };
+        Ok(CheckSpec {
+            kind,
+            initial_status: self.initial_status.unwrap_or(HealthStatus::Critical),
+            success_before_passing: damping(
+                "check.success_before_passing",
+                self.success_before_passing,
+            )?,
+            failures_before_critical: damping(
+                "check.failures_before_critical",
+                self.failures_before_critical,
+            )?,
+            deregister_after: self
+                .deregister_after
+                .as_deref()
+                .map(|d| at_least("check.deregister_after", d, MIN_TTL))
+                .transpose()?,
+        })
+    }
+
+    fn ttl_kind(&self, ttl: &str) -> Result<CheckKind, ValidationError> {
+        for (field, present) in [
+            ("check.interval", self.interval.is_some()),
+            ("check.timeout", self.timeout.is_some()),
+        ] {
+            if present {
+                return Err(ValidationError::new(
+                    field,
+                    "only http and tcp checks have it",
+                ));
+            }
+        }
+        self.reject_http_only()?;
+        Ok(CheckKind::Ttl {
+            ttl: at_least("check.ttl", ttl, MIN_TTL)?,
+        })
+    }
+
+    fn reject_http_only(&self) -> Result<(), ValidationError> {
+        for (field, present) in [
+            ("check.method", self.method.is_some()),
+            ("check.headers", self.headers.is_some()),
+        ] {
+            if present {
+                return Err(ValidationError::new(field, "only http checks have it"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Interval (default 10 s, at least 100 ms) and timeout (default the
+    /// lesser of 2 s and half the interval; below the interval).
+    fn timing(&self) -> Result<(Duration, Duration), ValidationError> {
+        let interval = match &self.interval {
+            Some(text) => at_least("check.interval", text, MIN_INTERVAL)?,
+            None => DEFAULT_INTERVAL,
+        };
+        let timeout = match &self.timeout {
+            Some(text) => duration("check.timeout", text)?,
+            None => (interval / 2).min(Duration::from_secs(2)),
+        };
+        if timeout.is_zero() || timeout >= interval {
+            return Err(ValidationError::new(
+                "check.timeout",
+                format!(
+                    "must be more than 0 and less than the interval ({})",
+                    humantime::format_duration(interval)
+                ),
+            ));
+        }
+        Ok((interval, timeout))
+    }
+}
+
+fn duration(field: &str, text: &str) -> Result<Duration, ValidationError> {
+    humantime::parse_duration(text).map_err(|_| {
+        ValidationError::new(
+            field,
+            format!("{text:?} is not a duration like \"10s\" or \"500ms\""),
+        )
+    })
+}
+
+fn at_least(field: &str, text: &str, min: Duration) -> Result<Duration, ValidationError> {
+    let value = duration(field, text)?;
+    if value < min {
+        return Err(ValidationError::new(
+            field,
+            format!("must be at least {}", humantime::format_duration(min)),
+        ));
+    }
+    Ok(value)
+}
+
+fn damping(field: &str, value: Option<i64>) -> Result<u32, ValidationError> {
+    match value.unwrap_or(1) {
+        v @ 1..=MAX_DAMPING => Ok(v as u32),
+        v => Err(ValidationError::new(
+            field,
+            format!("{v} is out of range (1 to {MAX_DAMPING})"),
+        )),
+    }
+}
+
+fn http_url(text: &str) -> Result<String, ValidationError> {
+    let field = "check.http";
+    let url = reqwest::Url::parse(text)
+        .map_err(|e| ValidationError::new(field, format!("{text:?} is not a URL ({e})")))?;
+    match url.scheme() {
+        "http" if url.host().is_some() => Ok(url.to_string()),
+        "http" => Err(ValidationError::new(field, "the URL needs a host")),
+        "https" => Err(ValidationError::new(
+            field,
+            "https checks are not supported yet; use an http:// URL",
+        )),
+        other => Err(ValidationError::new(
+            field,
+            format!("{other:?} is not http"),
+        )),
+    }
+}
+
+fn http_method(text: Option<&str>) -> Result<String, ValidationError> {
+    let text = text.unwrap_or("GET");
+    reqwest::Method::from_bytes(text.as_bytes())
+        .map(|m| m.to_string())
+        .map_err(|_| {
+            ValidationError::new("check.method", format!("{text:?} is not an HTTP method"))
+        })
+}
+
+fn http_headers(
+    headers: BTreeMap<String, String>,
+) -> Result<BTreeMap<String, String>, ValidationError> {
+    if headers.len() > MAX_CHECK_HEADERS {
+        return Err(ValidationError::new(
+            "check.headers",
+            format!("at most {MAX_CHECK_HEADERS} headers"),
+        ));
+    }
+    for (name, value) in &headers {
+        let field = format!("check.headers.{name}");
+        reqwest::header::HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| ValidationError::new(&field, "not a valid header name"))?;
+        reqwest::header::HeaderValue::from_str(value)
+            .map_err(|_| ValidationError::new(&field, "not a valid header value"))?;
+    }
+    Ok(headers)
+}
+
+fn tcp_address(text: &str) -> Result<String, ValidationError> {
+    let invalid = || ValidationError::new("check.tcp", format!("{text:?} is not host:port"));
+    let (host, port) = text.rsplit_once(':').ok_or_else(invalid)?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    match port.parse::<u16>() {
+        Ok(port) if port > 0 && !host.is_empty() => Ok(text.to_string()),
+        _ => Err(invalid()),
     }
 }
 
@@ -271,7 +489,8 @@ mod tests {
         assert_eq!(instance.id, "web-1");
         assert_eq!(instance.weight, 1);
         assert_eq!(instance.priority, 0);
-        assert!(instance.is_serving());
+        assert!(instance.is_serving(true));
+        assert!(instance.check.is_none());
     }
 
     #[test]
@@ -327,6 +546,100 @@ mod tests {
         let mut s = spec();
         s.tags = vec!["ok".into(), "not ok".into()];
         assert_eq!(rejected_field(s), "tags[1]");
+    }
+
+    fn check(json: serde_json::Value) -> Result<CheckSpec, ValidationError> {
+        serde_json::from_value::<CheckInput>(json)
+            .unwrap()
+            .into_spec()
+    }
+
+    fn check_field(json: serde_json::Value) -> String {
+        check(json).unwrap_err().field
+    }
+
+    #[test]
+    fn checks_get_defaults() {
+        use serde_json::json;
+        let ttl = check(json!({"ttl": "15s"})).unwrap();
+        assert_eq!(
+            ttl.kind,
+            CheckKind::Ttl {
+                ttl: Duration::from_secs(15)
+            }
+        );
+        assert_eq!(ttl.initial_status, HealthStatus::Critical);
+        assert_eq!(
+            (ttl.success_before_passing, ttl.failures_before_critical),
+            (1, 1)
+        );
+        let http = check(json!({"http": "http://10.0.1.6:8080/health"})).unwrap();
+        let CheckKind::Http {
+            method,
+            interval,
+            timeout,
+            ..
+        } = http.kind
+        else {
+            panic!("not http")
+        };
+        assert_eq!(method, "GET");
+        assert_eq!(interval, Duration::from_secs(10));
+        assert_eq!(timeout, Duration::from_secs(2));
+        let tcp = check(json!({"tcp": "[::1]:8080", "interval": "500ms"})).unwrap();
+        assert_eq!(tcp.interval(), Some(Duration::from_millis(500)));
+    }
+
+    #[test]
+    fn check_bounds_name_their_field() {
+        use serde_json::json;
+        assert_eq!(check_field(json!({})), "check");
+        assert_eq!(check_field(json!({"ttl": "5s", "tcp": "a:1"})), "check");
+        assert_eq!(check_field(json!({"ttl": "500ms"})), "check.ttl");
+        assert_eq!(check_field(json!({"ttl": "soon"})), "check.ttl");
+        assert_eq!(
+            check_field(json!({"ttl": "5s", "interval": "1s"})),
+            "check.interval"
+        );
+        assert_eq!(
+            check_field(json!({"tcp": "a:1", "interval": "50ms"})),
+            "check.interval"
+        );
+        assert_eq!(
+            check_field(json!({"tcp": "a:1", "interval": "1s", "timeout": "1s"})),
+            "check.timeout"
+        );
+        assert_eq!(
+            check_field(json!({"tcp": "a:1", "method": "GET"})),
+            "check.method"
+        );
+        assert_eq!(check_field(json!({"tcp": "nohost"})), "check.tcp");
+        assert_eq!(check_field(json!({"tcp": "a:0"})), "check.tcp");
+        assert_eq!(
+            check_field(json!({"http": "https://a/health"})),
+            "check.http"
+        );
+        assert_eq!(check_field(json!({"http": "ftp://a/"})), "check.http");
+        assert_eq!(
+            check_field(json!({"http": "http://a/", "method": "GE T"})),
+            "check.method"
+        );
+        assert_eq!(
+            check_field(json!({"http": "http://a/", "headers": {"bad name": "x"}})),
+            "check.headers.bad name"
+        );
+        assert_eq!(
+            check_field(json!({"ttl": "5s", "success_before_passing": 0})),
+            "check.success_before_passing"
+        );
+        assert_eq!(
+            check_field(json!({"ttl": "5s", "failures_before_critical": 101})),
+            "check.failures_before_critical"
+        );
+        assert_eq!(
+            check_field(json!({"ttl": "5s", "deregister_after": "10ms"})),
+            "check.deregister_after"
+        );
     }
 
     #[test]

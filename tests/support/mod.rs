@@ -4,8 +4,10 @@
 
 #![allow(dead_code)]
 
+use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use hickory_proto::op::{Edns, Message, Query};
@@ -198,4 +200,174 @@ pub async fn query_tcp(server: SocketAddr, message: &Message) -> Message {
 /// An instance body with an address and port.
 pub fn instance(address: &str, port: u16) -> Value {
     serde_json::json!({"address": address, "port": port})
+}
+
+/// A real HTTP server to be health-checked: answers `GET /health` with a
+/// status the test sets, and can be killed and started again on its port.
+pub struct HttpTarget {
+    pub addr: SocketAddr,
+    pub status: std::sync::Arc<std::sync::atomic::AtomicU16>,
+    stop: Option<tokio_util::sync::CancellationToken>,
+}
+
+impl HttpTarget {
+    pub async fn start(status: u16) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut target = Self {
+            addr,
+            status: std::sync::Arc::new(std::sync::atomic::AtomicU16::new(status)),
+            stop: None,
+        };
+        target.serve(listener);
+        target
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}/health", self.addr)
+    }
+
+    pub fn set_status(&self, status: u16) {
+        self.status
+            .store(status, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn serve(&mut self, listener: tokio::net::TcpListener) {
+        use axum::http::StatusCode;
+        let status = self.status.clone();
+        let app = axum::Router::new().route(
+            "/health",
+            axum::routing::get(move || {
+                let status = status.load(std::sync::atomic::Ordering::SeqCst);
+                async move { StatusCode::from_u16(status).unwrap() }
+            }),
+        );
+        let stop = tokio_util::sync::CancellationToken::new();
+        let stopped = stop.clone();
+        tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(stopped.cancelled_owned())
+                .await
+                .unwrap();
+        });
+        self.stop = Some(stop);
+    }
+
+    /// Stops answering: the port refuses connections.
+    pub fn kill(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            stop.cancel();
+        }
+    }
+
+    /// Serves again on the same port.
+    pub async fn restart(&mut self) {
+        let listener = wait_until("the target's port is free again", || async {
+            tokio::net::TcpListener::bind(self.addr).await.ok()
+        })
+        .await;
+        self.serve(listener);
+    }
+}
+
+impl Drop for HttpTarget {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// How long a condition may take to come true in a test.
+pub const CONDITION_DEADLINE: Duration = Duration::from_secs(15);
+
+/// Polls `check` until it yields a value, or panics naming `what` at the
+/// deadline.
+pub async fn wait_until<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + CONDITION_DEADLINE;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting until {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The A/AAAA addresses DNS gives for `name` (over UDP), as strings.
+pub async fn resolved(muster: &Muster, name: &str) -> Vec<String> {
+    let reply = muster.udp(name, RecordType::A).await;
+    let mut found: Vec<String> = reply
+        .answers
+        .iter()
+        .filter_map(|r| match &r.data {
+            hickory_proto::rr::RData::A(a) => Some(a.0.to_string()),
+            _ => None,
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+/// A running `muster serve` and the addresses it reported.
+pub struct Served {
+    pub child: Child,
+    pub dns: SocketAddr,
+    pub api: SocketAddr,
+    /// Every stderr line so far.
+    pub log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    /// Reads stderr until the process closes it.
+    pub reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn serve(config: &str) -> Served {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_muster"))
+        .args(["serve", "--config", config])
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (sender, receiver) = std::sync::mpsc::channel();
+    let stderr = child.stderr.take().unwrap();
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let lines = log.clone();
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("muster ready") {
+                let _ = sender.send(line.clone());
+            }
+            lines.lock().unwrap().push(line);
+        }
+    });
+    let line = receiver
+        .recv_timeout(Duration::from_secs(30))
+        .expect("muster reports ready");
+    let field = |key: &str| -> SocketAddr {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(key))
+            .and_then(|v| v.split(',').next())
+            .unwrap_or_else(|| panic!("no {key} in {line}"))
+            .parse()
+            .unwrap()
+    };
+    Served {
+        dns: field("dns="),
+        api: field("api="),
+        child,
+        log,
+        reader: Some(reader),
+    }
 }
