@@ -14,7 +14,7 @@ use muster::dns::zones::ZoneSet;
 use muster::dns::{Authority, RegistryZone, respond};
 use muster::registry::{Change, InstanceSpec, Registry};
 
-fn authority(services: usize) -> Authority {
+async fn authority(services: usize) -> Authority {
     let registry = Arc::new(Registry::default());
     for s in 0..services {
         for i in 0..3 {
@@ -29,6 +29,7 @@ fn authority(services: usize) -> Authority {
                 .unwrap();
             registry
                 .apply(Change::Register(Box::new(instance)))
+                .await
                 .unwrap();
         }
     }
@@ -57,8 +58,11 @@ fn handler(c: &mut Criterion) {
     let client: SocketAddr = "127.0.0.1:53000".parse().unwrap();
     let mut group = c.benchmark_group("dns_handler");
     group.throughput(Throughput::Elements(1));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
     for services in [10, 10_000] {
-        let authority = authority(services);
+        let authority = runtime.block_on(authority(services));
         let target = format!("svc-{}", services / 2);
         let cases = [
             (

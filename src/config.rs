@@ -14,6 +14,8 @@ use serde::Deserialize;
 pub struct Config {
     /// Where the registry keeps its data.
     pub data_dir: PathBuf,
+    /// Whether registrations survive a restart.
+    pub store: StoreKind,
     /// Where `*.zone` files are read from; a missing folder means no static zones.
     pub zones_dir: PathBuf,
     pub dns: DnsConfig,
@@ -65,6 +67,15 @@ pub struct LogConfig {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    /// `<data_dir>/registry.redb`: every acknowledged write survives a crash.
+    Embedded,
+    /// Nothing is kept: for tests and for measuring what durability costs.
+    Memory,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     Text,
     Json,
@@ -74,6 +85,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             data_dir: PathBuf::from("./data"),
+            store: StoreKind::Embedded,
             zones_dir: PathBuf::from("./zones"),
             dns: DnsConfig::default(),
             api: ApiConfig::default(),
@@ -280,6 +292,7 @@ mod tests {
         let config = Config::from_toml(
             r#"
             data_dir = "/var/lib/muster"
+            store = "memory"
             zones_dir = "/etc/muster/zones"
             [dns]
             listen = ["127.0.0.1:53", "[::1]:53"]
@@ -306,6 +319,7 @@ mod tests {
         assert_eq!(config.zone_fqdn(), "example.internal.");
         assert!(!config.gateway.enabled);
         assert!(config.dns.only_passing);
+        assert_eq!(config.store, StoreKind::Memory);
         assert_eq!(config.log.format, LogFormat::Json);
     }
 

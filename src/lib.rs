@@ -14,7 +14,7 @@ pub mod telemetry;
 
 use std::io;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,17 +25,19 @@ use tracing::error;
 
 pub use config::Config;
 
-use crate::config::{ApiConfig, DnsConfig, ttl_seconds};
+use crate::config::{ApiConfig, DnsConfig, StoreKind, ttl_seconds};
 use crate::dns::zones::{ZoneError, load_dir};
 use crate::dns::{Authority, RegistryZone};
-use crate::registry::Registry;
 use crate::registry::health::HealthHandle;
+use crate::registry::{EmbeddedStore, MemoryStore, Registry, Store, StoreError};
 
 /// Why muster could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("zones: {0}")]
     Zones(#[from] ZoneError),
+    #[error("registry store: {0}")]
+    Store(#[from] StoreError),
     #[error("dns.zone {zone:?} is not a valid DNS name")]
     Zone { zone: String },
     #[error("cannot listen for {what} on {address}: {source}")]
@@ -61,14 +63,20 @@ pub struct Running {
 pub async fn start(config: &Config) -> Result<Running, StartError> {
     // Destructured without `..`: a new key nobody wires up fails to compile.
     let Config {
-        data_dir: _, // the durable store arrives with issue 4
+        data_dir,
+        store,
         zones_dir,
         dns,
         api,
         gateway: _, // the front door arrives with issue 5
         log: _,     // applied by telemetry::init before start
     } = config;
-    let registry = Arc::new(Registry::new(dns.only_passing));
+    // The registry is loaded before any socket is bound: nothing answers
+    // from a registry that is still loading.
+    let registry = Arc::new(Registry::open(
+        open_store(*store, data_dir)?,
+        dns.only_passing,
+    )?);
     let authority = Arc::new(authority(config, dns, zones_dir, &registry)?);
     let reloader = Reloader {
         authority: authority.clone(),
@@ -105,6 +113,14 @@ impl Reloader {
         self.authority.replace_zones(zones);
         Ok(())
     }
+}
+
+/// The store `kind` names, opened (and locked) in `data_dir`.
+pub fn open_store(kind: StoreKind, data_dir: &Path) -> Result<Box<dyn Store>, StoreError> {
+    Ok(match kind {
+        StoreKind::Embedded => Box::new(EmbeddedStore::open(data_dir)?),
+        StoreKind::Memory => Box::new(MemoryStore),
+    })
 }
 
 fn authority(

@@ -9,6 +9,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tracing::{info, warn};
 
+use muster::registry::{EmbeddedStore, store};
 use muster::{Config, telemetry};
 
 /// How long requests in flight get to finish after SIGTERM.
@@ -38,14 +39,49 @@ enum Command {
         /// TOML configuration file.
         file: PathBuf,
     },
+    /// Write every registered instance as JSON to stdout (muster stopped).
+    Export {
+        #[command(flatten)]
+        data: DataDir,
+    },
+    /// Add the instances of an export file to the registry (muster stopped).
+    Import {
+        #[command(flatten)]
+        data: DataDir,
+        /// A file written by `muster export`.
+        file: PathBuf,
+    },
     /// Print the version.
     Version,
+}
+
+/// Which data dir an offline command works on.
+#[derive(clap::Args)]
+struct DataDir {
+    /// The data dir (default: the config's `data_dir`, else ./data).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Take `data_dir` from this configuration file.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+}
+
+impl DataDir {
+    fn open(&self) -> anyhow::Result<EmbeddedStore> {
+        let dir = match (&self.data_dir, &self.config) {
+            (Some(dir), _) => dir.clone(),
+            (None, config) => load(config.as_ref())?.data_dir,
+        };
+        EmbeddedStore::open(&dir).context("opening the registry store")
+    }
 }
 
 fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Command::Serve { config } => serve(config),
         Command::CheckConfig { file } => check_config(&file),
+        Command::Export { data } => export(&data),
+        Command::Import { data, file } => import(&data, &file),
         Command::Version => {
             println!("muster {}", env!("CARGO_PKG_VERSION"));
             Ok(())
@@ -71,6 +107,22 @@ fn check_config(file: &PathBuf) -> anyhow::Result<()> {
     let config = load(Some(file))?;
     muster::dns::zones::load_dir(&config.zones_dir).context("zones")?;
     println!("{}: ok", file.display());
+    Ok(())
+}
+
+fn export(data: &DataDir) -> anyhow::Result<()> {
+    let mut store = data.open()?;
+    let instances = store::export(&mut store)?;
+    println!("{}", serde_json::to_string_pretty(&instances)?);
+    Ok(())
+}
+
+fn import(data: &DataDir, file: &PathBuf) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(file).with_context(|| format!("{}", file.display()))?;
+    let instances = store::parse_export(&text).with_context(|| format!("{}", file.display()))?;
+    let mut store = data.open()?;
+    let count = store::import(&mut store, instances)?;
+    println!("imported {count} instances");
     Ok(())
 }
 

@@ -451,7 +451,7 @@ async fn a_blocking_query_returns_on_a_change_and_at_the_end_of_its_wait() {
 }
 
 /// A registry with a checker and no network, for the paused clock.
-fn checked_registry(
+async fn checked_registry(
     check: Value,
 ) -> (
     Arc<Registry>,
@@ -468,6 +468,7 @@ fn checked_registry(
         .apply(Change::Register(Box::new(
             spec.into_instance("ttl", "t-1").unwrap(),
         )))
+        .await
         .unwrap();
     let key = InstanceKey {
         service: "ttl".into(),
@@ -495,7 +496,7 @@ async fn settle() {
 #[tokio::test(start_paused = true)]
 async fn a_missed_heartbeat_turns_critical_exactly_at_the_ttl() {
     let (registry, handle, shutdown, key) =
-        checked_registry(json!({"ttl": "15s", "failures_before_critical": 3}));
+        checked_registry(json!({"ttl": "15s", "failures_before_critical": 3})).await;
     settle().await;
     let status = handle
         .heartbeat(key.clone(), HealthStatus::Passing, String::new())
@@ -545,7 +546,8 @@ async fn a_missed_heartbeat_turns_critical_exactly_at_the_ttl() {
 async fn flap_damping_counts_consecutive_results() {
     let (registry, handle, shutdown, key) = checked_registry(json!({
         "ttl": "1m", "success_before_passing": 3, "failures_before_critical": 2
-    }));
+    }))
+    .await;
     settle().await;
     let beat = |status| handle.heartbeat(key.clone(), status, String::new());
     assert_eq!(
@@ -610,7 +612,7 @@ async fn flap_damping_counts_consecutive_results() {
 
 #[tokio::test(start_paused = true)]
 async fn health_is_published_only_when_it_flips() {
-    let (registry, handle, shutdown, key) = checked_registry(json!({"ttl": "1m"}));
+    let (registry, handle, shutdown, key) = checked_registry(json!({"ttl": "1m"})).await;
     settle().await;
     handle
         .heartbeat(key.clone(), HealthStatus::Passing, String::new())

@@ -43,6 +43,7 @@ impl From<RegistryError> for ApiError {
                 field: None,
                 message: error.to_string(),
             },
+            RegistryError::Storage | RegistryError::Closed => Self::Unavailable(error.to_string()),
         }
     }
 }

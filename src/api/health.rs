@@ -39,12 +39,15 @@ pub async fn heartbeat(
     let output = body.output.unwrap_or_default();
     match instance.check.as_ref().map(|c| &c.kind) {
         None => {
-            state.registry.apply(Change::SetHealth {
-                service: key.service.clone(),
-                id: key.id.clone(),
-                generation: instance.generation,
-                health: Health::now(status, output),
-            })?;
+            state
+                .registry
+                .apply(Change::SetHealth {
+                    service: key.service.clone(),
+                    id: key.id.clone(),
+                    generation: instance.generation,
+                    health: Health::now(status, output),
+                })
+                .await?;
         }
         Some(CheckKind::Ttl { .. }) => {
             state
@@ -99,11 +102,14 @@ pub async fn maintenance(
         reason,
         since: SystemTime::now(),
     });
-    let applied = state.registry.apply(Change::SetMaintenance {
-        service: key.service,
-        id: key.id,
-        maintenance,
-    })?;
+    let applied = state
+        .registry
+        .apply(Change::SetMaintenance {
+            service: key.service,
+            id: key.id,
+            maintenance,
+        })
+        .await?;
     Ok(Json(applied.instance))
 }
 

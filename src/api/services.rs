@@ -215,7 +215,10 @@ pub async fn register(
 ) -> Result<Json<Arc<Instance>>, ApiError> {
     let Path((service, id)) = path.map_err(path_error)?;
     let instance = spec.into_instance(&service, &id)?;
-    let applied = state.registry.apply(Change::Register(Box::new(instance)))?;
+    let applied = state
+        .registry
+        .apply(Change::Register(Box::new(instance)))
+        .await?;
     Ok(Json(applied.instance))
 }
 
@@ -224,9 +227,12 @@ pub async fn deregister(
     path: InstancePath,
 ) -> Result<StatusCode, ApiError> {
     let key = instance_key(path)?;
-    state.registry.apply(Change::Deregister {
-        service: key.service,
-        id: key.id,
-    })?;
+    state
+        .registry
+        .apply(Change::Deregister {
+            service: key.service,
+            id: key.id,
+        })
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
 use super::{
-    Change, CheckEvent, CheckKind, CheckSpec, Health, HealthStatus, InstanceKey, Registry,
+    Change, CheckEvent, CheckKind, CheckSpec, Health, HealthStatus, InstanceKey, Pending, Registry,
 };
 
 /// Probes in flight at once, whatever the number of checks.
@@ -69,7 +69,12 @@ impl HealthHandle {
                 reply,
             })
             .map_err(|_| HeartbeatError::Stopped)?;
-        answer.await.map_err(|_| HeartbeatError::Stopped)?
+        let (status, pending) = answer.await.map_err(|_| HeartbeatError::Stopped)??;
+        // A flip is answered once it is published, so DNS agrees with the reply.
+        if let Some(pending) = pending {
+            let _ = pending.await;
+        }
+        Ok(status)
     }
 }
 
@@ -103,7 +108,7 @@ enum Input {
         key: InstanceKey,
         status: HealthStatus,
         output: String,
-        reply: oneshot::Sender<Result<HealthStatus, HeartbeatError>>,
+        reply: oneshot::Sender<HeartbeatReply>,
     },
     Probed {
         key: Arc<InstanceKey>,
@@ -112,6 +117,9 @@ enum Input {
         result: Observation,
     },
 }
+
+/// The status after a heartbeat, and the flip it caused, if any.
+type HeartbeatReply = Result<(HealthStatus, Option<Pending>), HeartbeatError>;
 
 /// One check result.
 #[derive(Debug, Clone)]
@@ -168,7 +176,7 @@ impl Checker {
         mut inputs: mpsc::UnboundedReceiver<Input>,
         shutdown: CancellationToken,
     ) {
-        let (watched, mut events) = self.registry.attach_checker();
+        let (watched, mut events) = self.registry.attach_checker().await;
         for event in watched {
             self.on_event(event);
         }
@@ -178,8 +186,8 @@ impl Checker {
                 biased;
                 () = shutdown.cancelled() => break,
                 Some(event) = events.recv() => self.on_event(event),
-                Some(input) = inputs.recv() => self.on_input(input),
-                () = sleep_until(next) => self.fire_due(Instant::now()),
+                Some(input) = inputs.recv() => self.on_input(input).await,
+                () = sleep_until(next) => self.fire_due(Instant::now()).await,
             }
             while self.probes.try_join_next().is_some() {}
         }
@@ -238,7 +246,7 @@ impl Checker {
         self.entries.insert(key, entry);
     }
 
-    fn on_input(&mut self, input: Input) {
+    async fn on_input(&mut self, input: Input) {
         match input {
             Input::Heartbeat {
                 key,
@@ -246,7 +254,7 @@ impl Checker {
                 output,
                 reply,
             } => {
-                let result = self.heartbeat(&key, Observation { status, output });
+                let result = self.heartbeat(&key, Observation { status, output }).await;
                 let _ = reply.send(result);
             }
             Input::Probed {
@@ -254,15 +262,11 @@ impl Checker {
                 generation,
                 started,
                 result,
-            } => self.probed(&key, generation, started, result),
+            } => self.probed(&key, generation, started, result).await,
         }
     }
 
-    fn heartbeat(
-        &mut self,
-        key: &InstanceKey,
-        observation: Observation,
-    ) -> Result<HealthStatus, HeartbeatError> {
+    async fn heartbeat(&mut self, key: &InstanceKey, observation: Observation) -> HeartbeatReply {
         let entry = self
             .entries
             .get_mut(key)
@@ -274,10 +278,10 @@ impl Checker {
         entry.ttl_deadline = Some(deadline);
         let key = entry.key.clone();
         self.schedule_for(&key, TimerKind::TtlExpiry, deadline);
-        Ok(self.observe(&key, observation))
+        Ok(self.observe(&key, observation).await)
     }
 
-    fn probed(
+    async fn probed(
         &mut self,
         key: &Arc<InstanceKey>,
         generation: u64,
@@ -295,17 +299,21 @@ impl Checker {
             .spec
             .interval()
             .map(|i| (started + i).max(Instant::now()));
-        self.observe(key, result);
+        self.observe(key, result).await;
         if let Some(next) = next {
             self.schedule_for(key, TimerKind::Probe, next);
         }
     }
 
     /// Counts a result and flips the status when the damping thresholds
-    /// say so. Returns the status afterwards.
-    fn observe(&mut self, key: &InstanceKey, observation: Observation) -> HealthStatus {
+    /// say so. Returns the status afterwards and the flip, if any.
+    async fn observe(
+        &mut self,
+        key: &InstanceKey,
+        observation: Observation,
+    ) -> (HealthStatus, Option<Pending>) {
         let Some(entry) = self.entries.get_mut(key) else {
-            return HealthStatus::Critical;
+            return (HealthStatus::Critical, None);
         };
         let flip = match observation.status {
             HealthStatus::Critical => {
@@ -323,30 +331,39 @@ impl Checker {
                 }
             }
         };
-        if flip {
-            self.transition(key, observation);
-        }
-        self.entries
+        let pending = if flip {
+            self.transition(key, observation).await
+        } else {
+            None
+        };
+        let status = self
+            .entries
             .get(key)
-            .map_or(HealthStatus::Critical, |e| e.status)
+            .map_or(HealthStatus::Critical, |e| e.status);
+        (status, pending)
     }
 
-    /// Publishes a new status through the registry, logs it, and arms
-    /// `deregister_after` when it is critical.
-    fn transition(&mut self, key: &InstanceKey, observation: Observation) {
-        let Some(entry) = self.entries.get_mut(key) else {
-            return;
-        };
+    /// Submits the new status to the registry (without waiting for it to
+    /// be stored: the checker never blocks on the disk), logs it, and arms
+    /// `deregister_after` when it is critical. A change the registry then
+    /// refuses is for a registration that has been replaced, whose new
+    /// `Watch` event resets this entry.
+    async fn transition(&mut self, key: &InstanceKey, observation: Observation) -> Option<Pending> {
+        let entry = self.entries.get(key)?;
         let change = Change::SetHealth {
             service: key.service.clone(),
             id: key.id.clone(),
             generation: entry.generation,
             health: Health::now(observation.status, observation.output.clone()),
         };
-        if let Err(error) = self.registry.apply(change) {
-            debug!(service = %key.service, instance = %key.id, error = %error, "health result dropped");
-            return;
-        }
+        let pending = match self.registry.submit(change).await {
+            Ok(pending) => pending,
+            Err(error) => {
+                debug!(service = %key.service, instance = %key.id, error = %error, "health result dropped");
+                return None;
+            }
+        };
+        let entry = self.entries.get_mut(key)?;
         info!(
             service = %key.service,
             instance = %key.id,
@@ -366,9 +383,10 @@ impl Checker {
         } else {
             entry.critical_since = None;
         }
+        Some(pending)
     }
 
-    fn fire_due(&mut self, now: Instant) {
+    async fn fire_due(&mut self, now: Instant) {
         while let Some(Reverse(timer)) = self.timers.peek() {
             if timer.due > now {
                 break;
@@ -381,12 +399,12 @@ impl Checker {
                 .get(&timer.key)
                 .is_some_and(|e| e.generation == timer.generation);
             if current {
-                self.fire(timer, now);
+                self.fire(timer, now).await;
             }
         }
     }
 
-    fn fire(&mut self, timer: Timer, now: Instant) {
+    async fn fire(&mut self, timer: Timer, now: Instant) {
         let Some(entry) = self.entries.get_mut(&timer.key) else {
             return;
         };
@@ -405,7 +423,7 @@ impl Checker {
                 };
                 // The contract: critical at the TTL, whatever the damping.
                 if entry.status != HealthStatus::Critical {
-                    self.transition(&timer.key, expired);
+                    self.transition(&timer.key, expired).await;
                 }
             }
             TimerKind::Probe if !entry.probing => {
@@ -418,22 +436,24 @@ impl Checker {
                     .zip(entry.spec.deregister_after)
                     .is_some_and(|(since, after)| since + after <= now);
                 if due {
-                    self.reap(&timer.key, timer.generation);
+                    self.reap(&timer.key, timer.generation).await;
                 }
             }
             _ => {}
         }
     }
 
-    fn reap(&mut self, key: &InstanceKey, generation: u64) {
+    /// Removes an instance that stayed critical; the registry re-checks
+    /// that it still is, in this registration.
+    async fn reap(&mut self, key: &InstanceKey, generation: u64) {
         let change = Change::Reap {
             service: key.service.clone(),
             id: key.id.clone(),
             generation,
         };
-        match self.registry.apply(change) {
+        match self.registry.submit(change).await {
             Ok(_) => {
-                info!(service = %key.service, instance = %key.id, "deregistered after being critical");
+                info!(service = %key.service, instance = %key.id, "deregistering after being critical");
                 self.entries.remove(key);
             }
             Err(error) => {

@@ -1,27 +1,37 @@
 //! The registry: the single source of truth for which instances exist.
 //!
-//! Owns the model, validation, and the one mutation path,
-//! [`Registry::apply`], which turns a [`Change`] into a new immutable
-//! [`Snapshot`] published atomically through `arc-swap`. Readers never
-//! lock: they load the current snapshot. This module must never do I/O on
-//! behalf of a reader, and nothing outside it mutates registry state.
+//! Owns the model, validation, health checking, durability, and the one
+//! mutation path, [`Registry::apply`]. Every change goes to one writer
+//! task, which applies a batch of queued changes to the next snapshot,
+//! makes the batch durable in the [`Store`] with one commit (write-ahead,
+//! group commit), and only then publishes the snapshot through `arc-swap`
+//! and answers the writers. Readers never lock: they load the current
+//! snapshot. Nothing outside this module mutates registry state.
 
 pub mod health;
 mod model;
 mod snapshot;
+pub mod store;
 pub mod validate;
 
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use arc_swap::ArcSwap;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::error;
 
 pub use model::{
     CheckKind, CheckSpec, Health, HealthStatus, Instance, MAX_OUTPUT, Maintenance, NamedPort,
     Protocol,
 };
 pub use snapshot::{Endpoint, PortSelector, Service, Snapshot};
+pub use store::{EmbeddedStore, MemoryStore, Store, StoreError, StoreOp};
 pub use validate::{CheckInput, InstanceSpec, ValidationError};
+
+/// Changes waiting for the writer; a full queue makes writers wait.
+const QUEUE: usize = 4096;
+/// Most changes made durable in one commit.
+const MAX_BATCH: usize = 1024;
 
 /// A write to the registry, already validated.
 #[derive(Debug, Clone)]
@@ -97,227 +107,389 @@ pub enum RegistryError {
     InstanceNotFound { service: String, id: String },
     #[error("instance {id:?} of service {service:?} was registered again since")]
     Stale { service: String, id: String },
+    #[error("the change could not be stored; nothing was changed")]
+    Storage,
+    #[error("the registry is shutting down")]
+    Closed,
 }
 
-/// State only writers touch, under the writer lock.
-#[derive(Default)]
-struct Writer {
-    /// Where check events go once a health checker has attached.
-    checks: Option<mpsc::UnboundedSender<CheckEvent>>,
-}
+/// The result a writer waits for.
+pub type Pending = oneshot::Receiver<Result<Applied, RegistryError>>;
+/// Where the writer sends that result.
+type Reply = oneshot::Sender<Result<Applied, RegistryError>>;
 
-/// The live registry.
-pub struct Registry {
-    /// Serialises writers; readers never take it.
-    writer: Mutex<Writer>,
+/// What readers share with the writer task.
+struct Shared {
     current: ArcSwap<Snapshot>,
     /// Carries the latest version to anyone waiting for a change.
     versions: watch::Sender<u64>,
 }
 
+enum Request {
+    Change {
+        change: Change,
+        reply: Reply,
+    },
+    AttachChecker {
+        reply: oneshot::Sender<(Vec<CheckEvent>, mpsc::UnboundedReceiver<CheckEvent>)>,
+    },
+}
+
+/// The live registry.
+pub struct Registry {
+    shared: Arc<Shared>,
+    requests: mpsc::Sender<Request>,
+}
+
 impl Default for Registry {
     fn default() -> Self {
-        Self::new(false)
+        Self::in_memory(false)
     }
 }
 
 impl Registry {
-    /// An empty registry; with `only_passing`, instances in warning do not
-    /// serve (`dns.only_passing`).
-    pub fn new(only_passing: bool) -> Self {
-        Self {
-            writer: Mutex::new(Writer::default()),
-            current: ArcSwap::from_pointee(Snapshot::empty(only_passing)),
-            versions: watch::Sender::new(0),
-        }
+    /// Loads everything `store` holds, then starts the writer task (so it
+    /// needs a Tokio runtime). With `only_passing`, instances in warning do
+    /// not serve.
+    pub fn open(mut store: Box<dyn Store>, only_passing: bool) -> Result<Self, StoreError> {
+        let loaded = store.load()?;
+        let snapshot = Arc::new(Snapshot::from_instances(
+            loaded.version,
+            only_passing,
+            loaded.instances,
+        ));
+        let shared = Arc::new(Shared {
+            current: ArcSwap::new(snapshot.clone()),
+            versions: watch::Sender::new(snapshot.version()),
+        });
+        let (requests, queue) = mpsc::channel(QUEUE);
+        let writer = Writer {
+            shared: shared.clone(),
+            store: Arc::new(Mutex::new(store)),
+            published: snapshot,
+            checks: None,
+        };
+        tokio::spawn(writer.run(queue));
+        Ok(Self { shared, requests })
+    }
+
+    /// An empty registry that keeps nothing across restarts.
+    pub fn in_memory(only_passing: bool) -> Self {
+        Self::open(Box::new(MemoryStore), only_passing).expect("a memory store always opens")
     }
 
     /// The current snapshot, kept alive as long as the caller holds it.
     pub fn snapshot(&self) -> Arc<Snapshot> {
-        self.current.load_full()
+        self.shared.current.load_full()
     }
 
     /// A cheap borrow of the current snapshot for short, non-async reads.
     pub fn load(&self) -> arc_swap::Guard<Arc<Snapshot>> {
-        self.current.load()
+        self.shared.current.load()
     }
 
     /// A receiver that sees the version of every published snapshot.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
-        self.versions.subscribe()
+        self.shared.versions.subscribe()
+    }
+
+    /// The only way registry state changes: returns once the change is
+    /// durable and published, or refused.
+    pub async fn apply(&self, change: Change) -> Result<Applied, RegistryError> {
+        self.submit(change)
+            .await?
+            .await
+            .unwrap_or(Err(RegistryError::Closed))
+    }
+
+    /// Queues `change` without waiting for it to be applied; the receiver
+    /// says how it went.
+    pub async fn submit(&self, change: Change) -> Result<Pending, RegistryError> {
+        let (reply, pending) = oneshot::channel();
+        self.requests
+            .send(Request::Change { change, reply })
+            .await
+            .map_err(|_| RegistryError::Closed)?;
+        Ok(pending)
     }
 
     /// Connects the health checker: every instance with a check as a
-    /// `Watch` event, and the channel that carries later events. Taken
-    /// under the writer lock, so no change falls between the two.
-    pub fn attach_checker(&self) -> (Vec<CheckEvent>, mpsc::UnboundedReceiver<CheckEvent>) {
-        let mut writer = self.lock();
+    /// `Watch` event, and the channel that carries later events. The
+    /// writer answers between batches, so no change falls between the two.
+    pub async fn attach_checker(&self) -> (Vec<CheckEvent>, mpsc::UnboundedReceiver<CheckEvent>) {
+        let (reply, answer) = oneshot::channel();
+        let sent = self.requests.send(Request::AttachChecker { reply }).await;
+        match (sent, answer.await) {
+            (Ok(()), Ok(attached)) => attached,
+            _ => (Vec::new(), mpsc::unbounded_channel().1),
+        }
+    }
+}
+
+/// The writer task's state.
+struct Writer {
+    shared: Arc<Shared>,
+    /// Shared with the blocking thread a commit runs on.
+    store: Arc<Mutex<Box<dyn Store>>>,
+    /// The last snapshot published.
+    published: Arc<Snapshot>,
+    /// Where check events go once a health checker has attached.
+    checks: Option<mpsc::UnboundedSender<CheckEvent>>,
+}
+
+/// The effects of one batch, kept until it is durable.
+#[derive(Default)]
+struct Batch {
+    ops: Vec<StoreOp>,
+    events: Vec<CheckEvent>,
+    replies: Vec<(Reply, Result<Applied, RegistryError>)>,
+}
+
+impl Writer {
+    /// Takes whatever queued while the last commit ran as the next batch.
+    async fn run(mut self, mut queue: mpsc::Receiver<Request>) {
+        while let Some(first) = queue.recv().await {
+            let mut requests = vec![first];
+            while requests.len() < MAX_BATCH {
+                match queue.try_recv() {
+                    Ok(request) => requests.push(request),
+                    Err(_) => break,
+                }
+            }
+            self.process(requests).await;
+        }
+    }
+
+    /// Runs the store's commit, off the async threads if it blocks.
+    async fn commit(&self, version: u64, ops: Vec<StoreOp>) -> Result<(), StoreError> {
+        let store = self.store.clone();
+        let commit = move || {
+            let mut store = store.lock().unwrap_or_else(PoisonError::into_inner);
+            store.commit(version, &ops)
+        };
+        let blocks = self
+            .store
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .blocks();
+        if !blocks {
+            return commit();
+        }
+        tokio::task::spawn_blocking(commit)
+            .await
+            .unwrap_or_else(|e| {
+                Err(StoreError::Io {
+                    path: "registry store".into(),
+                    detail: format!("commit failed: {e}"),
+                })
+            })
+    }
+
+    async fn process(&mut self, requests: Vec<Request>) {
+        let mut next = Snapshot::clone(&self.published);
+        let mut batch = Batch::default();
+        for request in requests {
+            match request {
+                Request::AttachChecker { reply } => self.attach(&next, reply),
+                Request::Change { change, reply } => {
+                    let result = apply_change(&mut next, change, &mut batch);
+                    batch.replies.push((reply, result));
+                }
+            }
+        }
+        let ops = std::mem::take(&mut batch.ops);
+        if !ops.is_empty()
+            && let Err(e) = self.commit(next.version(), ops).await
+        {
+            error!(error = %e, changes = batch.replies.len(), "registry changes not stored; none applied");
+            for (reply, result) in batch.replies {
+                let _ = reply.send(result.and(Err(RegistryError::Storage)));
+            }
+            return;
+        }
+        if next.version() != self.published.version() {
+            self.publish(next);
+        }
+        for event in batch.events {
+            self.notify(event);
+        }
+        for (reply, result) in batch.replies {
+            let _ = reply.send(result);
+        }
+    }
+
+    /// The checker sees the state as of this point in the batch; changes
+    /// later in it reach the checker as events.
+    fn attach(
+        &mut self,
+        state: &Snapshot,
+        reply: oneshot::Sender<(Vec<CheckEvent>, mpsc::UnboundedReceiver<CheckEvent>)>,
+    ) {
         let (sender, receiver) = mpsc::unbounded_channel();
-        writer.checks = Some(sender);
-        let snapshot = self.current.load();
-        let watched = snapshot
+        self.checks = Some(sender);
+        let watched = state
             .services()
             .flat_map(|s| s.instances().iter())
             .filter_map(|i| watch_event(i))
             .collect();
-        (watched, receiver)
+        let _ = reply.send((watched, receiver));
     }
 
-    /// The only way registry state changes.
-    pub fn apply(&self, change: Change) -> Result<Applied, RegistryError> {
-        let mut writer = self.lock();
-        let current = self.current.load_full();
-        match change {
-            Change::Register(instance) => Ok(self.register(&mut writer, &current, *instance)),
-            Change::Deregister { service, id } => {
-                let removed = self.remove(&mut writer, &current, &service, &id)?;
-                Ok(removed)
-            }
-            Change::SetHealth {
-                service,
-                id,
-                generation,
-                health,
-            } => {
-                let existing = current_generation(&current, &service, &id, generation)?;
-                if existing.health.status == health.status {
-                    return Ok(self.unchanged(&current, existing));
-                }
-                let mut updated = Instance::clone(existing);
-                updated.health = health;
-                Ok(self.replace(&current, updated))
-            }
-            Change::SetMaintenance {
-                service,
-                id,
-                maintenance,
-            } => {
-                let existing = found(&current, &service, &id)?;
-                if existing.maintenance.is_some() == maintenance.is_some()
-                    && existing.maintenance.as_ref().map(|m| &m.reason)
-                        == maintenance.as_ref().map(|m| &m.reason)
-                {
-                    return Ok(self.unchanged(&current, existing));
-                }
-                let mut updated = Instance::clone(existing);
-                updated.maintenance = maintenance;
-                Ok(self.replace(&current, updated))
-            }
-            Change::Reap {
-                service,
-                id,
-                generation,
-            } => {
-                let existing = current_generation(&current, &service, &id, generation)?;
-                if existing.health.status != HealthStatus::Critical {
-                    return Err(RegistryError::Stale { service, id });
-                }
-                self.remove(&mut writer, &current, &service, &id)
-            }
+    fn publish(&mut self, next: Snapshot) {
+        let next = Arc::new(next);
+        self.shared.current.store(next.clone());
+        self.shared.versions.send_replace(next.version());
+        self.published = next;
+    }
+
+    fn notify(&mut self, event: CheckEvent) {
+        let delivered = self.checks.as_ref().is_some_and(|c| c.send(event).is_ok());
+        if !delivered {
+            // No checker (or it stopped): events would only pile up.
+            self.checks = None;
         }
-    }
-
-    fn lock(&self) -> MutexGuard<'_, Writer> {
-        self.writer.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    fn register(&self, writer: &mut Writer, current: &Snapshot, mut instance: Instance) -> Applied {
-        let existing = current.instance(&instance.service, &instance.id);
-        let same_check = existing.is_some_and(|e| e.check == instance.check);
-        match existing {
-            Some(existing) if same_check => {
-                instance.health = existing.health.clone();
-                instance.generation = existing.generation;
-            }
-            _ => instance.generation = current.version() + 1,
-        }
-        if let Some(existing) = existing {
-            instance.maintenance = existing.maintenance.clone();
-            if **existing == instance {
-                return self.unchanged(current, existing);
-            }
-        }
-        let event = if same_check {
-            None
-        } else {
-            watch_event(&instance).or_else(|| {
-                existing
-                    .filter(|e| e.check.is_some())
-                    .map(|e| CheckEvent::Unwatch {
-                        key: InstanceKey::of(e),
-                    })
-            })
-        };
-        let applied = self.replace(current, instance);
-        if let Some(event) = event {
-            notify(writer, event);
-        }
-        applied
-    }
-
-    fn remove(
-        &self,
-        writer: &mut Writer,
-        current: &Snapshot,
-        service: &str,
-        id: &str,
-    ) -> Result<Applied, RegistryError> {
-        let (next, removed) = current.without_instance(service, id).ok_or_else(|| {
-            RegistryError::InstanceNotFound {
-                service: service.into(),
-                id: id.into(),
-            }
-        })?;
-        if removed.check.is_some() {
-            notify(
-                writer,
-                CheckEvent::Unwatch {
-                    key: InstanceKey::of(&removed),
-                },
-            );
-        }
-        Ok(self.publish(next, removed))
-    }
-
-    fn replace(&self, current: &Snapshot, instance: Instance) -> Applied {
-        let instance = Arc::new(instance);
-        self.publish(current.with_instance(instance.clone()), instance)
-    }
-
-    fn unchanged(&self, current: &Snapshot, instance: &Arc<Instance>) -> Applied {
-        Applied {
-            instance: instance.clone(),
-            version: current.version(),
-        }
-    }
-
-    fn publish(&self, next: Snapshot, instance: Arc<Instance>) -> Applied {
-        let version = next.version();
-        self.current.store(Arc::new(next));
-        self.versions.send_replace(version);
-        Applied { instance, version }
     }
 }
 
-fn found<'a>(
-    snapshot: &'a Snapshot,
+/// Applies one change to `next`, recording what must be stored and told.
+fn apply_change(
+    next: &mut Snapshot,
+    change: Change,
+    batch: &mut Batch,
+) -> Result<Applied, RegistryError> {
+    match change {
+        Change::Register(instance) => Ok(register(next, *instance, batch)),
+        Change::Deregister { service, id } => remove(next, &service, &id, batch),
+        Change::SetHealth {
+            service,
+            id,
+            generation,
+            health,
+        } => {
+            let existing = current_generation(next, &service, &id, generation)?;
+            if existing.health.status == health.status {
+                return Ok(unchanged(next, &existing));
+            }
+            let mut updated = Instance::clone(&existing);
+            updated.health = health;
+            Ok(replace(next, updated, batch))
+        }
+        Change::SetMaintenance {
+            service,
+            id,
+            maintenance,
+        } => {
+            let existing = found(next, &service, &id)?;
+            let same = existing.maintenance.as_ref().map(|m| &m.reason)
+                == maintenance.as_ref().map(|m| &m.reason);
+            if same {
+                return Ok(unchanged(next, &existing));
+            }
+            let mut updated = Instance::clone(&existing);
+            updated.maintenance = maintenance;
+            Ok(replace(next, updated, batch))
+        }
+        Change::Reap {
+            service,
+            id,
+            generation,
+        } => {
+            let existing = current_generation(next, &service, &id, generation)?;
+            if existing.health.status != HealthStatus::Critical {
+                return Err(RegistryError::Stale { service, id });
+            }
+            remove(next, &service, &id, batch)
+        }
+    }
+}
+
+fn register(next: &mut Snapshot, mut instance: Instance, batch: &mut Batch) -> Applied {
+    let existing = next.instance(&instance.service, &instance.id).cloned();
+    let same_check = existing.as_ref().is_some_and(|e| e.check == instance.check);
+    match &existing {
+        Some(existing) if same_check => {
+            instance.health = existing.health.clone();
+            instance.generation = existing.generation;
+        }
+        _ => instance.generation = next.version() + 1,
+    }
+    if let Some(existing) = &existing {
+        instance.maintenance = existing.maintenance.clone();
+        if **existing == instance {
+            return unchanged(next, existing);
+        }
+    }
+    if !same_check {
+        let event = watch_event(&instance).or_else(|| {
+            existing
+                .as_ref()
+                .filter(|e| e.check.is_some())
+                .map(|e| CheckEvent::Unwatch {
+                    key: InstanceKey::of(e),
+                })
+        });
+        batch.events.extend(event);
+    }
+    replace(next, instance, batch)
+}
+
+fn remove(
+    next: &mut Snapshot,
     service: &str,
     id: &str,
-) -> Result<&'a Arc<Instance>, RegistryError> {
+    batch: &mut Batch,
+) -> Result<Applied, RegistryError> {
+    let (after, removed) =
+        next.without_instance(service, id)
+            .ok_or_else(|| RegistryError::InstanceNotFound {
+                service: service.into(),
+                id: id.into(),
+            })?;
+    *next = after;
+    let key = InstanceKey::of(&removed);
+    if removed.check.is_some() {
+        batch.events.push(CheckEvent::Unwatch { key: key.clone() });
+    }
+    batch.ops.push(StoreOp::Delete(key));
+    Ok(Applied {
+        instance: removed,
+        version: next.version(),
+    })
+}
+
+fn replace(next: &mut Snapshot, instance: Instance, batch: &mut Batch) -> Applied {
+    let instance = Arc::new(instance);
+    *next = next.with_instance(instance.clone());
+    batch.ops.push(StoreOp::Put(instance.clone()));
+    Applied {
+        instance,
+        version: next.version(),
+    }
+}
+
+fn unchanged(next: &Snapshot, instance: &Arc<Instance>) -> Applied {
+    Applied {
+        instance: instance.clone(),
+        version: next.version(),
+    }
+}
+
+fn found(snapshot: &Snapshot, service: &str, id: &str) -> Result<Arc<Instance>, RegistryError> {
     snapshot
         .instance(service, id)
+        .cloned()
         .ok_or_else(|| RegistryError::InstanceNotFound {
             service: service.into(),
             id: id.into(),
         })
 }
 
-fn current_generation<'a>(
-    snapshot: &'a Snapshot,
+fn current_generation(
+    snapshot: &Snapshot,
     service: &str,
     id: &str,
     generation: u64,
-) -> Result<&'a Arc<Instance>, RegistryError> {
+) -> Result<Arc<Instance>, RegistryError> {
     let existing = found(snapshot, service, id)?;
     if existing.generation != generation {
         return Err(RegistryError::Stale {
@@ -337,17 +509,6 @@ fn watch_event(instance: &Instance) -> Option<CheckEvent> {
     })
 }
 
-fn notify(writer: &mut Writer, event: CheckEvent) {
-    let delivered = writer
-        .checks
-        .as_ref()
-        .is_some_and(|c| c.send(event).is_ok());
-    if !delivered {
-        // No checker (or it stopped): events would only pile up.
-        writer.checks = None;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -358,12 +519,13 @@ mod tests {
         spec.into_instance(service, id).unwrap()
     }
 
-    #[test]
-    fn register_publishes_a_new_version() {
+    #[tokio::test]
+    async fn register_publishes_a_new_version() {
         let registry = Registry::default();
         let before = registry.snapshot();
         registry
             .apply(Change::Register(Box::new(instance("web", "a", "10.0.0.1"))))
+            .await
             .unwrap();
         let after = registry.snapshot();
         assert_eq!(before.version() + 1, after.version());
@@ -372,35 +534,38 @@ mod tests {
         assert_eq!(after.service("web").unwrap().index(), after.version());
     }
 
-    #[test]
-    fn identical_reregistration_is_a_no_op() {
+    #[tokio::test]
+    async fn identical_reregistration_is_a_no_op() {
         let registry = Registry::default();
         let change = Change::Register(Box::new(instance("web", "a", "10.0.0.1")));
-        registry.apply(change.clone()).unwrap();
+        registry.apply(change.clone()).await.unwrap();
         let version = registry.snapshot().version();
-        registry.apply(change).unwrap();
+        registry.apply(change).await.unwrap();
         assert_eq!(registry.snapshot().version(), version);
         registry
             .apply(Change::Register(Box::new(instance("web", "a", "10.0.0.2"))))
+            .await
             .unwrap();
         assert_eq!(registry.snapshot().version(), version + 1);
         assert_eq!(registry.snapshot().instance_count(), 1);
     }
 
-    #[test]
-    fn deregistering_the_last_instance_removes_the_service() {
+    #[tokio::test]
+    async fn deregistering_the_last_instance_removes_the_service() {
         let registry = Registry::default();
         registry
             .apply(Change::Register(Box::new(instance("web", "a", "10.0.0.1"))))
+            .await
             .unwrap();
         registry
             .apply(Change::Register(Box::new(instance("web", "b", "10.0.0.2"))))
+            .await
             .unwrap();
         let deregister = |id: &str| Change::Deregister {
             service: "web".into(),
             id: id.into(),
         };
-        registry.apply(deregister("a")).unwrap();
+        registry.apply(deregister("a")).await.unwrap();
         assert_eq!(
             registry
                 .snapshot()
@@ -410,24 +575,26 @@ mod tests {
                 .len(),
             1
         );
-        registry.apply(deregister("b")).unwrap();
+        registry.apply(deregister("b")).await.unwrap();
         assert!(registry.snapshot().service("web").is_none());
         assert!(matches!(
-            registry.apply(deregister("b")),
+            registry.apply(deregister("b")).await,
             Err(RegistryError::InstanceNotFound { .. })
         ));
         assert_eq!(registry.snapshot().instance_count(), 0);
     }
 
-    #[test]
-    fn other_services_are_shared_between_snapshots() {
+    #[tokio::test]
+    async fn other_services_are_shared_between_snapshots() {
         let registry = Registry::default();
         registry
             .apply(Change::Register(Box::new(instance("db", "a", "10.0.0.9"))))
+            .await
             .unwrap();
         let before = registry.snapshot();
         registry
             .apply(Change::Register(Box::new(instance("web", "a", "10.0.0.1"))))
+            .await
             .unwrap();
         let after = registry.snapshot();
         assert!(Arc::ptr_eq(
@@ -436,20 +603,21 @@ mod tests {
         ));
     }
 
-    #[test]
-    fn endpoints_filter_by_tag_and_named_port() {
+    #[tokio::test]
+    async fn endpoints_filter_by_tag_and_named_port() {
         let registry = Registry::default();
         let spec: InstanceSpec = serde_json::from_value(serde_json::json!({
             "address": "10.0.0.1", "port": 80, "tags": ["v2"], "ports": {"grpc": 9090}
         }))
         .unwrap();
+        let tagged = spec.into_instance("web", "a").unwrap();
         registry
-            .apply(Change::Register(Box::new(
-                spec.into_instance("web", "a").unwrap(),
-            )))
+            .apply(Change::Register(Box::new(tagged)))
+            .await
             .unwrap();
         registry
             .apply(Change::Register(Box::new(instance("web", "b", "10.0.0.2"))))
+            .await
             .unwrap();
         let snapshot = registry.snapshot();
         let web = snapshot.service("web").unwrap();

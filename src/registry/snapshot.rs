@@ -146,12 +146,41 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// An empty registry whose services serve warning instances unless
-    /// `only_passing`.
-    pub(super) fn empty(only_passing: bool) -> Self {
+    /// A snapshot at `version` holding `instances` (as loaded from a
+    /// store), built in one pass rather than one change at a time.
+    pub(super) fn from_instances(
+        version: u64,
+        only_passing: bool,
+        instances: Vec<Instance>,
+    ) -> Self {
+        let mut by_service: std::collections::HashMap<String, Vec<Arc<Instance>>> =
+            std::collections::HashMap::new();
+        let instance_count = instances.len();
+        for instance in instances {
+            by_service
+                .entry(instance.service.clone())
+                .or_default()
+                .push(Arc::new(instance));
+        }
+        let services = by_service
+            .into_iter()
+            .map(|(name, mut instances)| {
+                instances.sort_by(|a, b| a.id.cmp(&b.id));
+                let name: Arc<str> = name.into();
+                let service = Service {
+                    name: name.clone(),
+                    index: version,
+                    instances,
+                    only_passing,
+                };
+                (name, Arc::new(service))
+            })
+            .collect();
         Self {
+            version,
+            services,
+            instance_count,
             only_passing,
-            ..Self::default()
         }
     }
 

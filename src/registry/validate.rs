@@ -8,7 +8,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::model::{CheckKind, CheckSpec, Health, HealthStatus, Instance, NamedPort, Protocol};
+use super::model::{
+    CheckKind, CheckSpec, Health, HealthStatus, Instance, Maintenance, NamedPort, Protocol,
+    truncate_output,
+};
 
 pub const MAX_TAGS: usize = 32;
 pub const MAX_NAMED_PORTS: usize = 16;
@@ -337,6 +340,94 @@ fn tcp_address(text: &str) -> Result<String, ValidationError> {
     }
 }
 
+/// An instance as the API returns it (and `muster export` writes it),
+/// validated like a registration, keeping its health and maintenance.
+pub fn instance_from_json(mut value: serde_json::Value) -> Result<Instance, ValidationError> {
+    let object = value
+        .as_object_mut()
+        .ok_or_else(|| ValidationError::new("", "an instance is a JSON object"))?;
+    let service = take_string(object, "service")?;
+    let id = take_string(object, "id")?;
+    let health = object.remove("health").filter(|h| !h.is_null());
+    let maintenance = object.remove("maintenance").filter(|m| !m.is_null());
+    let spec: InstanceSpec = from_value(value)?;
+    let mut instance = spec.into_instance(&service, &id)?;
+    if let Some(health) = health {
+        instance.health = stored_health(health)?;
+    }
+    if let Some(maintenance) = maintenance {
+        instance.maintenance = Some(stored_maintenance(maintenance)?);
+    }
+    Ok(instance)
+}
+
+fn take_string(
+    object: &mut serde_json::Map<String, serde_json::Value>,
+    field: &str,
+) -> Result<String, ValidationError> {
+    match object.remove(field) {
+        Some(serde_json::Value::String(text)) => Ok(text),
+        _ => Err(ValidationError::new(field, "missing or not a string")),
+    }
+}
+
+fn from_value<T: serde::de::DeserializeOwned>(
+    value: serde_json::Value,
+) -> Result<T, ValidationError> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let message = e.inner().to_string();
+        let field =
+            crate::field_path::field_of(&e.path().to_string(), &message).unwrap_or_default();
+        ValidationError::new(field, message)
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StoredHealth {
+    status: HealthStatus,
+    output: String,
+    since: String,
+}
+
+fn stored_health(value: serde_json::Value) -> Result<Health, ValidationError> {
+    let stored: StoredHealth = from_value(value).map_err(|e| prefixed("health", e))?;
+    Ok(Health {
+        status: stored.status,
+        output: truncate_output(stored.output),
+        since: timestamp("health.since", &stored.since)?,
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StoredMaintenance {
+    reason: String,
+    since: String,
+}
+
+fn stored_maintenance(value: serde_json::Value) -> Result<Maintenance, ValidationError> {
+    let stored: StoredMaintenance = from_value(value).map_err(|e| prefixed("maintenance", e))?;
+    Ok(Maintenance {
+        reason: stored.reason,
+        since: timestamp("maintenance.since", &stored.since)?,
+    })
+}
+
+fn prefixed(prefix: &str, error: ValidationError) -> ValidationError {
+    let field = if error.field.is_empty() {
+        prefix.to_string()
+    } else {
+        format!("{prefix}.{}", error.field)
+    };
+    ValidationError::new(field, error.message)
+}
+
+fn timestamp(field: &str, text: &str) -> Result<std::time::SystemTime, ValidationError> {
+    humantime::parse_rfc3339(text)
+        .map_err(|_| ValidationError::new(field, format!("{text:?} is not an RFC 3339 time")))
+}
+
 fn address(text: &str) -> Result<IpAddr, ValidationError> {
     let ip: IpAddr = text.trim().parse().map_err(|_| {
         ValidationError::new(
@@ -640,6 +731,48 @@ mod tests {
             check_field(json!({"ttl": "5s", "deregister_after": "10ms"})),
             "check.deregister_after"
         );
+    }
+
+    #[test]
+    fn the_api_json_of_an_instance_reads_back_as_the_same_instance() {
+        use serde_json::json;
+        let spec: InstanceSpec = serde_json::from_value(json!({
+            "address": "10.0.0.1", "port": 80, "ports": {"dns": {"port": 53, "protocol": "udp"}},
+            "tags": ["b", "a"], "meta": {"k": "v"}, "weight": 3, "priority": 2,
+            "check": {"http": "http://10.0.0.1:80/health", "interval": "5s", "headers": {"x": "y"},
+                      "deregister_after": "1m", "success_before_passing": 2}
+        }))
+        .unwrap();
+        let mut original = spec.into_instance("web", "w-1").unwrap();
+        original.health = Health::now(HealthStatus::Warning, "slow".into());
+        original.maintenance = Some(Maintenance {
+            reason: "deploy".into(),
+            since: humantime::parse_rfc3339("2026-01-02T03:04:05.678Z").unwrap(),
+        });
+        let json = serde_json::to_value(&original).unwrap();
+        let back = instance_from_json(json.clone()).unwrap();
+        assert_eq!(serde_json::to_value(&back).unwrap(), json);
+        assert_eq!(back.check, original.check);
+    }
+
+    #[test]
+    fn damaged_instance_json_names_the_field() {
+        use serde_json::json;
+        let good = json!({"service": "web", "id": "w-1", "address": "10.0.0.1", "port": 80});
+        assert!(instance_from_json(good.clone()).is_ok());
+        let mut bad = good.clone();
+        bad["port"] = json!(0);
+        assert_eq!(instance_from_json(bad).unwrap_err().field, "port");
+        let mut bad = good.clone();
+        bad["health"] = json!({"status": "great", "output": "", "since": "2026-01-01T00:00:00Z"});
+        assert_eq!(instance_from_json(bad).unwrap_err().field, "health.status");
+        let mut bad = good;
+        bad["maintenance"] = json!({"reason": "x", "since": "yesterday"});
+        assert_eq!(
+            instance_from_json(bad).unwrap_err().field,
+            "maintenance.since"
+        );
+        assert_eq!(instance_from_json(json!([1])).unwrap_err().field, "");
     }
 
     #[test]
