@@ -549,51 +549,27 @@ async fn flap_damping_counts_consecutive_results() {
     }))
     .await;
     settle().await;
-    let beat = |status| handle.heartbeat(key.clone(), status, String::new());
-    assert_eq!(
-        beat(HealthStatus::Passing).await.unwrap(),
-        HealthStatus::Critical
-    );
-    assert_eq!(
-        beat(HealthStatus::Passing).await.unwrap(),
-        HealthStatus::Critical
-    );
-    assert_eq!(
-        beat(HealthStatus::Critical).await.unwrap(),
-        HealthStatus::Critical,
-        "the count starts over"
-    );
-    assert_eq!(
-        beat(HealthStatus::Passing).await.unwrap(),
-        HealthStatus::Critical
-    );
-    assert_eq!(
-        beat(HealthStatus::Passing).await.unwrap(),
-        HealthStatus::Critical
-    );
-    assert_eq!(
-        beat(HealthStatus::Passing).await.unwrap(),
-        HealthStatus::Passing,
-        "third in a row"
-    );
-    assert_eq!(
-        beat(HealthStatus::Critical).await.unwrap(),
-        HealthStatus::Passing,
-        "one failure is damped"
-    );
-    assert_eq!(
-        beat(HealthStatus::Passing).await.unwrap(),
-        HealthStatus::Passing
-    );
-    assert_eq!(
-        beat(HealthStatus::Critical).await.unwrap(),
-        HealthStatus::Passing
-    );
-    assert_eq!(
-        beat(HealthStatus::Critical).await.unwrap(),
-        HealthStatus::Critical,
-        "second in a row"
-    );
+    use HealthStatus::{Critical, Passing};
+    // (reported, status afterwards, why)
+    let steps = [
+        (Passing, Critical, "one pass of three"),
+        (Passing, Critical, "two passes of three"),
+        (Critical, Critical, "a failure: the count starts over"),
+        (Passing, Critical, "one pass again"),
+        (Passing, Critical, "two passes again"),
+        (Passing, Passing, "third pass in a row"),
+        (Critical, Passing, "one failure is damped"),
+        (Passing, Passing, "a pass resets the failures"),
+        (Critical, Passing, "one failure again"),
+        (Critical, Critical, "second failure in a row"),
+    ];
+    for (reported, expected, why) in steps {
+        let status = handle
+            .heartbeat(key.clone(), reported, String::new())
+            .await
+            .unwrap();
+        assert_eq!(status, expected, "{why}");
+    }
     assert_eq!(status_of(&registry, &key), HealthStatus::Critical);
 
     // A heartbeat for an instance that is not TTL-checked is refused.
