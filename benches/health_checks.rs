@@ -63,7 +63,7 @@ async fn main() {
     std::fs::write(
         &config,
         format!(
-            "data_dir = {:?}\nzones_dir = {:?}\n[dns]\nlisten = [\"127.0.0.1:0\"]\n[api]\nlisten = \"127.0.0.1:0\"\n[log]\nlevel = \"info\"\n",
+            "data_dir = {:?}\nzones_dir = {:?}\n[dns]\nlisten = [\"127.0.0.1:0\"]\n[api]\nlisten = \"127.0.0.1:0\"\n[gateway]\nenabled = false\n[log]\nlevel = \"info\"\n",
             dir.path().join("data"),
             support::repo_zones()
         ),

@@ -32,7 +32,7 @@ fn write_config(dir: &Path, store: &str) -> String {
     std::fs::write(
         &path,
         format!(
-            "data_dir = {:?}\nstore = {store:?}\nzones_dir = {:?}\n[dns]\nlisten = [\"127.0.0.1:0\"]\n[api]\nlisten = \"127.0.0.1:0\"\n[log]\nlevel = \"info\"\n",
+            "data_dir = {:?}\nstore = {store:?}\nzones_dir = {:?}\n[dns]\nlisten = [\"127.0.0.1:0\"]\n[api]\nlisten = \"127.0.0.1:0\"\n[gateway]\nenabled = false\n[log]\nlevel = \"info\"\n",
             dir.join(format!("data-{store}")),
             support::repo_zones()
         ),
@@ -126,7 +126,7 @@ async fn main() {
     std::fs::write(
         &config,
         format!(
-            "data_dir = {data:?}\nzones_dir = {:?}\n[dns]\nlisten = [\"127.0.0.1:0\"]\n[api]\nlisten = \"127.0.0.1:0\"\n[log]\nlevel = \"info\"\n",
+            "data_dir = {data:?}\nzones_dir = {:?}\n[dns]\nlisten = [\"127.0.0.1:0\"]\n[api]\nlisten = \"127.0.0.1:0\"\n[gateway]\nenabled = false\n[log]\nlevel = \"info\"\n",
             support::repo_zones()
         ),
     )

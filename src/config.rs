@@ -55,7 +55,97 @@ pub struct ApiConfig {
 pub struct GatewayConfig {
     pub enabled: bool,
     pub listen: SocketAddr,
+    /// Peers whose `X-Forwarded-*` / `Forwarded` headers are extended
+    /// rather than replaced (CIDR prefixes or single addresses).
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Idle pooled upstream connections are closed after this, below the
+    /// keep-alive timeout of common upstream servers (Node.js: 5 s).
+    #[serde(with = "duration")]
+    pub upstream_idle_timeout: Duration,
+    /// Consecutive connect errors or 5xx that eject an instance.
+    pub eject_after_errors: u32,
+    /// The first ejection's length; each further one doubles, up to `eject_max`.
+    #[serde(with = "duration")]
+    pub eject_for: Duration,
+    #[serde(with = "duration")]
+    pub eject_max: Duration,
+    pub routes: Vec<RouteConfig>,
 }
+
+/// One `[[gateway.routes]]` entry.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    pub name: String,
+    /// `api.example.com` or `*.example.com`; any host when absent.
+    pub host: Option<String>,
+    #[serde(default = "root_path")]
+    pub path_prefix: String,
+    pub methods: Option<Vec<String>>,
+    #[serde(default)]
+    pub headers: std::collections::BTreeMap<String, String>,
+    pub service: String,
+    /// A named port; the instance's default port when absent.
+    pub port: Option<String>,
+    pub strip_prefix: Option<String>,
+    pub replace_prefix: Option<ReplacePrefix>,
+    /// The Host header upstream; the client's when absent.
+    pub host_rewrite: Option<String>,
+    #[serde(default)]
+    pub balance: Balance,
+    #[serde(default)]
+    pub upstream: UpstreamProtocol,
+    #[serde(default = "default_connect_timeout", with = "duration")]
+    pub connect_timeout: Duration,
+    #[serde(default = "default_request_timeout", with = "duration")]
+    pub timeout: Duration,
+    #[serde(default = "default_retries")]
+    pub retries: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplacePrefix {
+    pub from: String,
+    pub to: String,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Balance {
+    #[default]
+    RoundRobin,
+    LeastRequest,
+}
+
+/// How the gateway speaks to upstream instances.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpstreamProtocol {
+    #[default]
+    Http1,
+    /// HTTP/2 with prior knowledge (h2c).
+    H2,
+}
+
+fn root_path() -> String {
+    "/".into()
+}
+
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(2)
+}
+
+fn default_request_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+fn default_retries() -> u32 {
+    2
+}
+
+/// Most retries a route may ask for.
+pub const MAX_RETRIES: u32 = 10;
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -121,6 +211,12 @@ impl Default for GatewayConfig {
         Self {
             enabled: true,
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            trusted_proxies: Vec::new(),
+            upstream_idle_timeout: Duration::from_secs(4),
+            eject_after_errors: 5,
+            eject_for: Duration::from_secs(10),
+            eject_max: Duration::from_secs(300),
+            routes: Vec::new(),
         }
     }
 }
@@ -201,19 +297,49 @@ impl Config {
         Ok(config)
     }
 
-    fn validate(&self) -> Result<(), (&'static str, String)> {
-        if self.dns.listen.is_empty() {
-            return Err(("dns.listen", "needs at least one address".into()));
+    /// The first problem found, as (dotted key, message).
+    fn validate(&self) -> Result<(), (String, String)> {
+        fn at(key: &str) -> impl Fn(String) -> (String, String) + '_ {
+            move |message| (key.to_string(), message)
         }
-        validate_zone(&self.dns.zone).map_err(|m| ("dns.zone", m))?;
-        whole_seconds(self.dns.ttl).map_err(|m| ("dns.ttl", m))?;
-        whole_seconds(self.dns.negative_ttl).map_err(|m| ("dns.negative_ttl", m))?;
+        if self.dns.listen.is_empty() {
+            return Err(at("dns.listen")("needs at least one address".into()));
+        }
+        validate_zone(&self.dns.zone).map_err(at("dns.zone"))?;
+        whole_seconds(self.dns.ttl).map_err(at("dns.ttl"))?;
+        whole_seconds(self.dns.negative_ttl).map_err(at("dns.negative_ttl"))?;
         if self.dns.tcp_idle_timeout.is_zero() {
-            return Err(("dns.tcp_idle_timeout", "must be more than 0".into()));
+            return Err(at("dns.tcp_idle_timeout")("must be more than 0".into()));
         }
         tracing_subscriber::EnvFilter::builder()
             .parse(&self.log.level)
-            .map_err(|e| ("log.level", format!("{:?}: {e}", self.log.level)))?;
+            .map_err(|e| at("log.level")(format!("{:?}: {e}", self.log.level)))?;
+        self.validate_gateway()
+    }
+
+    fn validate_gateway(&self) -> Result<(), (String, String)> {
+        let gateway = &self.gateway;
+        if gateway.eject_after_errors == 0 {
+            return Err((
+                "gateway.eject_after_errors".into(),
+                "must be at least 1".into(),
+            ));
+        }
+        if gateway.eject_for.is_zero() || gateway.eject_max < gateway.eject_for {
+            return Err((
+                "gateway.eject_max".into(),
+                "eject_for must be more than 0 and eject_max at least eject_for".into(),
+            ));
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, route) in gateway.routes.iter().enumerate() {
+            let key = |field: &str| format!("gateway.routes[{i}].{field}");
+            if !names.insert(route.name.as_str()) {
+                return Err((key("name"), format!("{:?} names two routes", route.name)));
+            }
+            crate::gateway::validate_route(route)
+                .map_err(|(field, message)| (key(field), message))?;
+        }
         Ok(())
     }
 

@@ -9,6 +9,7 @@ pub mod api;
 pub mod config;
 pub mod dns;
 mod field_path;
+pub mod gateway;
 pub mod registry;
 pub mod telemetry;
 
@@ -28,8 +29,10 @@ pub use config::Config;
 use crate::config::{ApiConfig, DnsConfig, StoreKind, ttl_seconds};
 use crate::dns::zones::{ZoneError, load_dir};
 use crate::dns::{Authority, RegistryZone};
+use crate::gateway::{Gateway, GatewayError};
 use crate::registry::health::HealthHandle;
 use crate::registry::{EmbeddedStore, MemoryStore, Registry, Store, StoreError};
+use crate::telemetry::Metrics;
 
 /// Why muster could not start.
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +41,8 @@ pub enum StartError {
     Zones(#[from] ZoneError),
     #[error("registry store: {0}")]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Gateway(#[from] GatewayError),
     #[error("dns.zone {zone:?} is not a valid DNS name")]
     Zone { zone: String },
     #[error("cannot listen for {what} on {address}: {source}")]
@@ -53,6 +58,8 @@ pub struct Running {
     /// One address per `dns.listen` entry, each serving UDP and TCP.
     pub dns: Vec<SocketAddr>,
     pub api: SocketAddr,
+    /// The front door, unless `gateway.enabled = false`.
+    pub gateway: Option<SocketAddr>,
     pub registry: Arc<Registry>,
     reloader: Reloader,
     shutdown: CancellationToken,
@@ -68,8 +75,8 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
         zones_dir,
         dns,
         api,
-        gateway: _, // the front door arrives with issue 5
-        log: _,     // applied by telemetry::init before start
+        gateway,
+        log: _, // applied by telemetry::init before start
     } = config;
     // The registry is loaded before any socket is bound: nothing answers
     // from a registry that is still loading.
@@ -78,8 +85,11 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
         dns.only_passing,
     )?);
     let authority = Arc::new(authority(config, dns, zones_dir, &registry)?);
+    let metrics = Arc::new(Metrics::default());
+    let front_door = Arc::new(Gateway::new(gateway, registry.clone(), metrics.clone())?);
     let reloader = Reloader {
         authority: authority.clone(),
+        gateway: front_door.clone(),
         zones_dir: zones_dir.clone(),
     };
     let shutdown = CancellationToken::new();
@@ -87,10 +97,15 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
     let (health, checker) = registry::health::spawn(registry.clone(), shutdown.clone());
     tasks.spawn(async move { checker.await.map_err(io::Error::other) });
     let dns_addrs = start_dns(dns, authority, &shutdown, &mut tasks).await?;
-    let api_addr = start_api(api, &registry, health, &shutdown, &mut tasks).await?;
+    let api_addr = start_api(api, &registry, health, metrics, &shutdown, &mut tasks).await?;
+    let gateway_addr = match gateway.enabled {
+        true => Some(start_gateway(gateway.listen, front_door, &shutdown, &mut tasks).await?),
+        false => None,
+    };
     Ok(Running {
         dns: dns_addrs,
         api: api_addr,
+        gateway: gateway_addr,
         registry,
         reloader,
         shutdown,
@@ -98,18 +113,36 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
     })
 }
 
-/// Reloads what can change without a restart (SIGHUP): the static zones.
+/// Why a reload changed nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("zones: {0}")]
+    Zones(#[from] ZoneError),
+    #[error(transparent)]
+    Gateway(#[from] GatewayError),
+}
+
+/// Reloads what can change without a restart (SIGHUP): the static zones
+/// and the gateway's routes and policies. Listen addresses, the data dir
+/// and DNS settings need a restart.
 #[derive(Clone)]
 pub struct Reloader {
     authority: Arc<Authority>,
+    gateway: Arc<Gateway>,
     zones_dir: PathBuf,
 }
 
 impl Reloader {
-    /// Re-reads every zone file. On any error the zones being served stay
-    /// as they were and the error is returned.
-    pub fn reload(&self) -> Result<(), ZoneError> {
-        let zones = load_dir(&self.zones_dir)?;
+    /// Re-reads every zone file (from `config`'s `zones_dir` if given) and,
+    /// with a `config`, rebuilds the gateway routes. Everything is checked
+    /// before anything is swapped: on any error what is served stays as
+    /// it was and the error is returned.
+    pub fn reload(&self, config: Option<&Config>) -> Result<(), ReloadError> {
+        let zones_dir = config.map_or(&self.zones_dir, |c| &c.zones_dir);
+        let zones = load_dir(zones_dir)?;
+        if let Some(config) = config {
+            self.gateway.reload(&config.gateway)?;
+        }
         self.authority.replace_zones(zones);
         Ok(())
     }
@@ -168,10 +201,28 @@ async fn start_dns(
     Ok(addrs)
 }
 
+async fn start_gateway(
+    listen: SocketAddr,
+    gateway: Arc<Gateway>,
+    shutdown: &CancellationToken,
+    tasks: &mut JoinSet<io::Result<()>>,
+) -> Result<SocketAddr, StartError> {
+    let bind_error = |source| StartError::Bind {
+        what: "gateway",
+        address: listen.to_string(),
+        source,
+    };
+    let listener = TcpListener::bind(listen).await.map_err(bind_error)?;
+    let addr = listener.local_addr().map_err(bind_error)?;
+    tasks.spawn(gateway::serve(listener, gateway, shutdown.clone()));
+    Ok(addr)
+}
+
 async fn start_api(
     api: &ApiConfig,
     registry: &Arc<Registry>,
     health: HealthHandle,
+    metrics: Arc<Metrics>,
     shutdown: &CancellationToken,
     tasks: &mut JoinSet<io::Result<()>>,
 ) -> Result<SocketAddr, StartError> {
@@ -185,6 +236,7 @@ async fn start_api(
     let router = api::router(api::AppState {
         registry: registry.clone(),
         health,
+        metrics,
         started: Instant::now(),
     });
     tasks.spawn(api::serve(listener, router, shutdown.clone()));

@@ -132,14 +132,17 @@ async fn serve(path: Option<PathBuf>) -> anyhow::Result<()> {
     telemetry::init(&config.log);
     let running = muster::start(&config).await?;
     let dns: Vec<String> = running.dns.iter().map(ToString::to_string).collect();
-    info!(dns = %dns.join(","), api = %running.api, "muster ready");
+    let gateway = running
+        .gateway
+        .map_or_else(|| "off".to_string(), |a| a.to_string());
+    info!(dns = %dns.join(","), api = %running.api, gateway = %gateway, "muster ready");
     let shutdown = running.shutdown_token();
     tokio::spawn(async move {
         wait_for_termination().await;
         info!("shutting down");
         shutdown.cancel();
     });
-    tokio::spawn(reload_on_hangup(running.reloader()));
+    tokio::spawn(reload_on_hangup(running.reloader(), path.clone()));
     let token = running.shutdown_token();
     let wait = running.wait();
     tokio::pin!(wait);
@@ -153,17 +156,27 @@ async fn serve(path: Option<PathBuf>) -> anyhow::Result<()> {
         .context("serving")
 }
 
-/// Reloads the zones on every SIGHUP; a failed reload keeps the old ones.
-async fn reload_on_hangup(reloader: muster::Reloader) {
+/// On every SIGHUP, re-reads the config file (if there is one) and
+/// reloads zones and gateway routes; a failed reload keeps what is served.
+async fn reload_on_hangup(reloader: muster::Reloader, path: Option<PathBuf>) {
     use tokio::signal::unix::{SignalKind, signal};
     let Ok(mut hangups) = signal(SignalKind::hangup()) else {
         warn!("cannot listen for SIGHUP; reload needs a restart");
         return;
     };
     while hangups.recv().await.is_some() {
-        match reloader.reload() {
-            Ok(()) => info!("zones reloaded"),
-            Err(error) => warn!(error = %error, "zone reload failed; serving the previous zones"),
+        let config = match path.as_deref().map(Config::read).transpose() {
+            Ok(config) => config,
+            Err(error) => {
+                warn!(error = %error, "reload failed; serving the previous configuration");
+                continue;
+            }
+        };
+        match reloader.reload(config.as_ref()) {
+            Ok(()) => info!("zones and routes reloaded"),
+            Err(error) => {
+                warn!(error = %error, "reload failed; serving the previous configuration")
+            }
         }
     }
 }

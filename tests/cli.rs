@@ -195,7 +195,10 @@ async fn serve_registers_resolves_reloads_on_sighup_and_stops_on_sigterm() {
     assert!(exit.success(), "clean exit: {exit:?}");
     served.reader.take().unwrap().join().unwrap();
     let log = served.log.lock().unwrap().clone();
-    assert!(log.iter().any(|l| l.contains("zones reloaded")), "{log:#?}");
+    assert!(
+        log.iter().any(|l| l.contains("zones and routes reloaded")),
+        "{log:#?}"
+    );
     assert!(log.iter().any(|l| l.contains("shutting down")), "{log:#?}");
     let per_query: Vec<&String> = log
         .iter()

@@ -574,14 +574,14 @@ async fn zones_reload_while_serving_and_a_bad_reload_keeps_the_old_zones() {
         format!("{EXAMPLE_ZONE}www IN A 10.8.0.2\napi IN A 10.8.0.3\n"),
     )
     .unwrap();
-    muster.reloader().reload().unwrap();
+    muster.reloader().reload(None).unwrap();
     let after = muster.udp("www.example.internal.", RecordType::A).await;
     assert_eq!(addresses(&after), ips(&["10.8.0.2"]));
     let added = muster.tcp("api.example.internal.", RecordType::A).await;
     assert_eq!(addresses(&added), ips(&["10.8.0.3"]));
 
     std::fs::write(&file, format!("{EXAMPLE_ZONE}www IN A 10.8.0.999\n")).unwrap();
-    let error = muster.reloader().reload().unwrap_err();
+    let error = muster.reloader().reload(None).unwrap_err();
     assert!(
         error.to_string().contains("example.internal.zone:5"),
         "{error}"

@@ -21,7 +21,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_muster");
 /// A config file in `dir` with ephemeral ports and its data in `dir/data`.
 fn config_in(dir: &Path) -> String {
     let text = format!(
-        "data_dir = {:?}\nzones_dir = {:?}\n[dns]\nlisten = [\"127.0.0.1:0\"]\n[api]\nlisten = \"127.0.0.1:0\"\n",
+        "data_dir = {:?}\nzones_dir = {:?}\n[dns]\nlisten = [\"127.0.0.1:0\"]\n[api]\nlisten = \"127.0.0.1:0\"\n[gateway]\nlisten = \"127.0.0.1:0\"\n",
         dir.join("data").display().to_string(),
         support::repo_zones().display().to_string(),
     );

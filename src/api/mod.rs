@@ -15,8 +15,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::Router;
-use axum::extract::Path;
 use axum::extract::rejection::PathRejection;
+use axum::extract::{Path, State};
+use axum::http::header;
+use axum::response::IntoResponse;
 use axum::routing::{get, put};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -27,12 +29,14 @@ pub use error::ApiError;
 use crate::registry::health::HealthHandle;
 use crate::registry::validate::{instance_id, service_name};
 use crate::registry::{InstanceKey, Registry};
+use crate::telemetry::Metrics;
 
 /// What every handler can reach.
 #[derive(Clone)]
 pub struct AppState {
     pub registry: Arc<Registry>,
     pub health: HealthHandle,
+    pub metrics: Arc<Metrics>,
     pub started: Instant,
 }
 
@@ -42,6 +46,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/health", get(services::health))
         .route("/v1/status", get(services::status))
+        .route("/metrics", get(metrics))
         .route("/v1/services", get(services::list))
         .route("/v1/services/{service}", get(services::show))
         .route(
@@ -70,6 +75,14 @@ pub async fn serve(
     )
     .with_graceful_shutdown(shutdown.cancelled_owned())
     .await
+}
+
+/// Prometheus metrics in the OpenMetrics text format.
+async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, Metrics::CONTENT_TYPE)],
+        state.metrics.encode(),
+    )
 }
 
 type InstancePath = Result<Path<(String, String)>, PathRejection>;

@@ -1,0 +1,297 @@
+//! Header hygiene between clients and upstreams: hop-by-hop fields
+//! (RFC 9110 §7.6.1), `X-Forwarded-*` and `Forwarded` (RFC 7239), request
+//! ids and W3C `traceparent`.
+
+use std::collections::hash_map::RandomState;
+use std::hash::BuildHasher;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+/// Longest client request id kept.
+const MAX_REQUEST_ID: usize = 128;
+
+/// Removes hop-by-hop fields: those named in `Connection`, and the
+/// standard ones. `te: trailers` survives (it asks for trailers end to
+/// end); with `upgrade`, `Connection: upgrade` and `Upgrade` survive too.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .filter(|name| !(upgrade && name == header::UPGRADE))
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    let trailers = headers
+        .get_all(header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        });
+    for name in [
+        KEEP_ALIVE,
+        PROXY_CONNECTION,
+        header::TE,
+        header::TRANSFER_ENCODING,
+        header::TRAILER,
+    ] {
+        headers.remove(name);
+    }
+    if upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(header::CONNECTION);
+        headers.remove(header::UPGRADE);
+    }
+    if trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+/// Sets `X-Forwarded-For/Proto/Host` and `Forwarded` for a request from
+/// `peer`. A trusted peer's own values are extended; anyone else's are
+/// replaced, so clients cannot spoof their address.
+pub fn set_forwarded(
+    headers: &mut HeaderMap,
+    peer: IpAddr,
+    trusted: bool,
+    host: Option<&HeaderValue>,
+) {
+    let proto = "http";
+    let client = match peer {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => format!("\"[{v6}]\""),
+    };
+    let mut element = format!("for={client};proto={proto}");
+    if let Some(host) = host.and_then(|h| h.to_str().ok()) {
+        element.push_str(&format!(";host=\"{host}\""));
+    }
+    append_or_replace(headers, X_FORWARDED_FOR, &peer.to_string(), trusted);
+    append_or_replace(headers, FORWARDED, &element, trusted);
+    if !(trusted && headers.contains_key(X_FORWARDED_PROTO)) {
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    }
+    if !(trusted && headers.contains_key(X_FORWARDED_HOST)) {
+        match host {
+            Some(host) => {
+                headers.insert(X_FORWARDED_HOST, host.clone());
+            }
+            None => {
+                headers.remove(X_FORWARDED_HOST);
+            }
+        }
+    }
+}
+
+fn append_or_replace(headers: &mut HeaderMap, name: HeaderName, value: &str, trusted: bool) {
+    let previous: Vec<&str> = if trusted {
+        headers
+            .get_all(&name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let joined = previous
+        .into_iter()
+        .chain(std::iter::once(value))
+        .collect::<Vec<_>>()
+        .join(", ");
+    if let Ok(value) = HeaderValue::from_str(&joined) {
+        headers.insert(name, value);
+    }
+}
+
+/// Random identifiers for requests and trace spans.
+pub struct Ids {
+    seed: RandomState,
+    counter: AtomicU64,
+}
+
+impl Default for Ids {
+    fn default() -> Self {
+        Self {
+            seed: RandomState::new(),
+            counter: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Ids {
+    fn next_u64(&self) -> u64 {
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        // A zero id is invalid in traceparent; never produce one.
+        self.seed.hash_one(n).max(1)
+    }
+
+    /// 32 lowercase hex digits.
+    fn hex128(&self) -> String {
+        format!("{:016x}{:016x}", self.next_u64(), self.next_u64())
+    }
+
+    /// The client's `X-Request-Id` if well-formed (1–128 of
+    /// `A-Z a-z 0-9 - _ . :`), otherwise a new one.
+    pub fn request_id(&self, headers: &HeaderMap) -> HeaderValue {
+        let given = headers.get(REQUEST_ID).filter(|v| {
+            let bytes = v.as_bytes();
+            !bytes.is_empty()
+                && bytes.len() <= MAX_REQUEST_ID
+                && bytes
+                    .iter()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(b))
+        });
+        match given {
+            Some(value) => value.clone(),
+            None => HeaderValue::from_str(&self.hex128()).unwrap_or(HeaderValue::from_static("0")),
+        }
+    }
+
+    /// The `traceparent` to send upstream: the client's trace continued
+    /// with a new span id for this hop, or a new trace.
+    pub fn traceparent(&self, headers: &HeaderMap) -> HeaderValue {
+        let span = format!("{:016x}", self.next_u64());
+        let continued = headers
+            .get(TRACEPARENT)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_traceparent)
+            .map(|(trace, flags)| format!("00-{trace}-{span}-{flags}"));
+        let value = continued.unwrap_or_else(|| format!("00-{}-{span}-01", self.hex128()));
+        HeaderValue::from_str(&value).unwrap_or(HeaderValue::from_static("00"))
+    }
+}
+
+/// (trace id, flags) of a valid version-00 `traceparent`.
+fn parse_traceparent(value: &str) -> Option<(&str, &str)> {
+    let mut parts = value.trim().split('-');
+    let (version, trace, parent, flags) =
+        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let hex = |s: &str, len: usize| {
+        s.len() == len
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+            && s.bytes().any(|b| b != b'0')
+    };
+    (version == "00"
+        && parts.next().is_none()
+        && hex(trace, 32)
+        && hex(parent, 16)
+        && flags.len() == 2)
+        .then_some((trace, flags))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in pairs {
+            map.append(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_str(value).unwrap(),
+            );
+        }
+        map
+    }
+
+    #[test]
+    fn hop_by_hop_fields_go_and_te_trailers_stays() {
+        let mut h = headers(&[
+            ("connection", "keep-alive, x-secret"),
+            ("keep-alive", "timeout=5"),
+            ("x-secret", "1"),
+            ("te", "trailers, deflate"),
+            ("transfer-encoding", "chunked"),
+            ("proxy-connection", "keep-alive"),
+            ("upgrade", "websocket"),
+            ("x-kept", "1"),
+        ]);
+        strip_hop_by_hop(&mut h, false);
+        let mut names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["te", "x-kept"]);
+        assert_eq!(h["te"], "trailers");
+    }
+
+    #[test]
+    fn upgrades_keep_their_upgrade_headers() {
+        let mut h = headers(&[("connection", "Upgrade"), ("upgrade", "websocket")]);
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h["upgrade"], "websocket");
+        assert_eq!(h["connection"], "upgrade");
+    }
+
+    #[test]
+    fn spoofed_forwarding_headers_are_replaced_unless_the_peer_is_trusted() {
+        let spoofed = [
+            ("x-forwarded-for", "6.6.6.6"),
+            ("x-forwarded-proto", "https"),
+            ("x-forwarded-host", "evil"),
+            ("forwarded", "for=6.6.6.6"),
+        ];
+        let host = HeaderValue::from_static("api.example.com");
+        let mut h = headers(&spoofed);
+        set_forwarded(&mut h, "10.0.0.9".parse().unwrap(), false, Some(&host));
+        assert_eq!(h["x-forwarded-for"], "10.0.0.9");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-forwarded-host"], "api.example.com");
+        assert_eq!(
+            h["forwarded"],
+            "for=10.0.0.9;proto=http;host=\"api.example.com\""
+        );
+        let mut h = headers(&spoofed);
+        set_forwarded(&mut h, "::1".parse().unwrap(), true, Some(&host));
+        assert_eq!(h["x-forwarded-for"], "6.6.6.6, ::1");
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert!(
+            h["forwarded"]
+                .to_str()
+                .unwrap()
+                .starts_with("for=6.6.6.6, for=\"[::1]\"")
+        );
+    }
+
+    #[test]
+    fn request_ids_are_kept_when_well_formed() {
+        let ids = Ids::default();
+        assert_eq!(
+            ids.request_id(&headers(&[("x-request-id", "abc-123")])),
+            "abc-123"
+        );
+        let fresh = ids.request_id(&headers(&[("x-request-id", "bad id!")]));
+        assert_eq!(fresh.len(), 32);
+        assert_ne!(ids.request_id(&HeaderMap::new()), fresh, "ids differ");
+    }
+
+    #[test]
+    fn traceparent_is_continued_or_started() {
+        let ids = Ids::default();
+        let incoming = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let next = ids.traceparent(&headers(&[("traceparent", incoming)]));
+        let next = next.to_str().unwrap();
+        assert!(next.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"));
+        assert!(next.ends_with("-01"));
+        assert_ne!(next, incoming, "a new span id for this hop");
+        let started = ids.traceparent(&headers(&[("traceparent", "garbage")]));
+        assert!(parse_traceparent(started.to_str().unwrap()).is_some());
+        assert!(
+            parse_traceparent("00-00000000000000000000000000000000-00f067aa0ba902b7-01").is_none()
+        );
+    }
+}

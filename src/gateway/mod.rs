@@ -1,0 +1,232 @@
+//! The front door: an HTTP gateway that routes external requests to
+//! healthy instances chosen from the registry snapshot, through the same
+//! `Service::endpoints` function that builds SRV answers, so the gateway
+//! and DNS never disagree.
+//!
+//! Owns routing (`routes`), balancing and outlier ejection (`balance`),
+//! header hygiene (`headers`) and forwarding (`proxy`). Routes live in an
+//! immutable [`Policy`] swapped whole on reload; requests in flight finish
+//! with the policy they started with. Never writes to the registry.
+
+mod balance;
+mod headers;
+mod proxy;
+mod routes;
+
+use std::convert::Infallible;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use ipnet::IpNet;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+pub use routes::validate_route;
+
+use crate::config::{GatewayConfig, UpstreamProtocol};
+use crate::registry::{PortSelector, Protocol, Registry};
+use crate::telemetry::{Metrics, UpstreamError};
+use balance::{Backend, Outliers, Picker};
+use headers::Ids;
+use proxy::Body;
+use routes::{Route, RouteTable};
+
+/// Connections served at once; more wait in the kernel's backlog.
+const MAX_CONNECTIONS: usize = 16_384;
+/// A client must send its request head within this.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long connections get to finish on shutdown.
+const DRAIN: Duration = Duration::from_secs(10);
+
+/// Why routes could not be built.
+#[derive(Debug, thiserror::Error)]
+#[error("gateway route {key}: {message}")]
+pub struct GatewayError {
+    key: String,
+    message: String,
+}
+
+/// A route's connection pool and balancing state.
+struct Upstream {
+    picker: Picker,
+    client: Client<HttpConnector, Body>,
+}
+
+/// Everything a reload replaces: routes, their upstream state, and who is
+/// trusted to forward.
+pub struct Policy {
+    table: RouteTable,
+    /// In the table's order.
+    upstreams: Vec<Upstream>,
+    trusted: Vec<IpNet>,
+}
+
+impl Policy {
+    fn new(config: &GatewayConfig) -> Result<Self, GatewayError> {
+        let table = RouteTable::new(&config.routes).map_err(|(key, message)| GatewayError {
+            key: key.into(),
+            message,
+        })?;
+        let upstreams = table
+            .routes()
+            .iter()
+            .map(|route| Upstream {
+                picker: Picker::new(route.balance),
+                client: client(route, config.upstream_idle_timeout),
+            })
+            .collect();
+        Ok(Self {
+            table,
+            upstreams,
+            trusted: config.trusted_proxies.clone(),
+        })
+    }
+
+    fn trusts(&self, peer: IpAddr) -> bool {
+        self.trusted.iter().any(|net| net.contains(&peer))
+    }
+}
+
+fn client(route: &Route, idle_timeout: Duration) -> Client<HttpConnector, Body> {
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(route.connect_timeout));
+    connector.set_nodelay(true);
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(idle_timeout)
+        .pool_timer(TokioTimer::new())
+        .http2_only(route.upstream == UpstreamProtocol::H2)
+        .build(connector)
+}
+
+/// The running front door.
+pub struct Gateway {
+    policy: ArcSwap<Policy>,
+    registry: Arc<Registry>,
+    outliers: Outliers,
+    ids: Ids,
+    metrics: Arc<Metrics>,
+}
+
+impl Gateway {
+    pub fn new(
+        config: &GatewayConfig,
+        registry: Arc<Registry>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, GatewayError> {
+        Ok(Self {
+            policy: ArcSwap::from_pointee(Policy::new(config)?),
+            registry,
+            outliers: Outliers::new(
+                config.eject_after_errors,
+                config.eject_for,
+                config.eject_max,
+            ),
+            ids: Ids::default(),
+            metrics,
+        })
+    }
+
+    /// Serves `config`'s routes from the next request on; on error the
+    /// current ones stay.
+    pub fn reload(&self, config: &GatewayConfig) -> Result<(), GatewayError> {
+        self.policy.store(Arc::new(Policy::new(config)?));
+        Ok(())
+    }
+
+    /// The instances a route may use, from the current snapshot.
+    fn backends(&self, route: &Route) -> Vec<Backend> {
+        let snapshot = self.registry.load();
+        let Some(service) = snapshot.service(&route.service) else {
+            return Vec::new();
+        };
+        let selector = match &route.port {
+            Some(port) => PortSelector::Named(port, Protocol::Tcp),
+            None => PortSelector::Default,
+        };
+        service
+            .endpoints(selector, &[])
+            .map(|endpoint| Backend {
+                key: format!("{}/{}", service.name(), endpoint.instance.id).into(),
+                addr: SocketAddr::new(endpoint.instance.address, endpoint.port),
+                priority: endpoint.instance.priority,
+                weight: endpoint.instance.weight,
+            })
+            .collect()
+    }
+
+    fn count_error(&self, route: &Route, kind: &'static str) {
+        self.metrics
+            .gateway_upstream_errors
+            .get_or_create(&UpstreamError {
+                route: route.name.to_string(),
+                kind,
+            })
+            .inc();
+    }
+}
+
+/// Serves the gateway on `listener` until `shutdown`, then lets open
+/// connections finish their requests (up to a bound).
+pub async fn serve(
+    listener: TcpListener,
+    gateway: Arc<Gateway>,
+    shutdown: CancellationToken,
+) -> io::Result<()> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    builder.http2().timer(TokioTimer::new());
+    let graceful = GracefulShutdown::new();
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => slot.map_err(io::Error::other)?,
+            () = shutdown.cancelled() => break,
+        };
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    warn!(error = %error, "gateway accept failed");
+                    continue;
+                }
+            },
+            () = shutdown.cancelled() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let gateway = gateway.clone();
+        let service = service_fn(move |request| {
+            let gateway = gateway.clone();
+            async move { Ok::<_, Infallible>(proxy::handle(gateway, peer, request).await) }
+        });
+        let connection = builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+            .into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            let _ = connection.await;
+            drop(slot);
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(DRAIN, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        warn!("gateway connections did not finish in time");
+    }
+    Ok(())
+}

@@ -1,0 +1,410 @@
+//! One request through the front door: route, pick, forward, retry,
+//! and answer; every failure becomes a small JSON error with the request
+//! id, and every request ends in one access-log event and its metrics.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode, Uri, Version};
+use hyper_util::rt::TokioIo;
+use tokio::time::Instant;
+use tracing::{debug, info};
+
+use super::balance::Backend;
+use super::headers::{REQUEST_ID, TRACEPARENT, set_forwarded, strip_hop_by_hop};
+use super::{Gateway, Policy};
+use crate::config::UpstreamProtocol;
+use crate::telemetry::{RouteLabel, RouteStatus};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// Every body the gateway sends or receives, boxed.
+pub type Body = BoxBody<Bytes, BoxError>;
+
+/// Why a request got no upstream response.
+struct Failure {
+    status: StatusCode,
+    message: String,
+}
+
+impl Failure {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+        }
+    }
+}
+
+/// What the access log and metrics record once the response is done.
+struct Completion {
+    gateway: Arc<Gateway>,
+    route: Arc<str>,
+    service: String,
+    instance: Option<Arc<str>>,
+    status: u16,
+    method: Method,
+    path: String,
+    request_id: HeaderValue,
+    started: Instant,
+}
+
+impl Completion {
+    fn finish(self, bytes: u64) {
+        let seconds = self.started.elapsed().as_secs_f64();
+        info!(
+            target: "muster::access",
+            route = %self.route,
+            service = %self.service,
+            instance = self.instance.as_deref().unwrap_or("-"),
+            status = self.status,
+            method = %self.method,
+            path = %self.path,
+            bytes,
+            latency_ms = seconds * 1000.0,
+            request_id = self.request_id.to_str().unwrap_or("-"),
+            "request"
+        );
+        let metrics = &self.gateway.metrics;
+        let route = self.route.to_string();
+        metrics
+            .gateway_requests
+            .get_or_create(&RouteStatus {
+                route: route.clone(),
+                code: self.status,
+            })
+            .inc();
+        metrics
+            .gateway_duration
+            .get_or_create(&RouteLabel { route })
+            .observe(seconds);
+    }
+}
+
+/// A response body that counts its bytes and completes the request's
+/// record when it ends (or is dropped, if the client goes away).
+struct Observed {
+    inner: Body,
+    bytes: u64,
+    completion: Option<Completion>,
+}
+
+impl Observed {
+    fn complete(&mut self) {
+        if let Some(completion) = self.completion.take() {
+            completion.finish(self.bytes);
+        }
+    }
+}
+
+impl HttpBody for Observed {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.bytes += data.len() as u64;
+                }
+            }
+            Poll::Ready(None | Some(Err(_))) => this.complete(),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Observed {
+    fn drop(&mut self) {
+        self.complete();
+    }
+}
+
+/// Serves one request from `peer`.
+pub async fn handle(
+    gateway: Arc<Gateway>,
+    peer: SocketAddr,
+    request: Request<Incoming>,
+) -> Response<Body> {
+    let started = Instant::now();
+    let request_id = gateway.ids.request_id(request.headers());
+    let policy = gateway.policy.load_full();
+    let host = request_host(&request);
+    let found = policy.table.find(
+        host.as_deref(),
+        request.uri().path(),
+        request.method(),
+        request.headers(),
+    );
+    let mut completion = Completion {
+        gateway: gateway.clone(),
+        route: "-".into(),
+        service: "-".into(),
+        instance: None,
+        status: 0,
+        method: request.method().clone(),
+        path: request.uri().path().to_string(),
+        request_id: request_id.clone(),
+        started,
+    };
+    let Some((index, route)) = found else {
+        let failure = Failure::new(StatusCode::NOT_FOUND, "no route matches this request");
+        return error_response(failure, completion);
+    };
+    completion.route = route.name.clone();
+    completion.service = route.service.clone();
+    let outcome = forward(&gateway, &policy, index, peer, request_id, request).await;
+    match outcome {
+        Ok((response, instance)) => {
+            completion.instance = Some(instance);
+            completion.status = response.status().as_u16();
+            response.map(|inner| {
+                BoxBody::new(Observed {
+                    inner,
+                    bytes: 0,
+                    completion: Some(completion),
+                })
+            })
+        }
+        Err((failure, instance)) => {
+            completion.instance = instance;
+            error_response(failure, completion)
+        }
+    }
+}
+
+/// Host as the client addressed it (HTTP/1 Host or HTTP/2 authority).
+fn request_host(request: &Request<Incoming>) -> Option<String> {
+    request
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| request.uri().authority().map(|a| a.to_string()))
+}
+
+fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
+}
+
+/// An HTTP/1.1 request asking to switch protocols (WebSocket and the like).
+fn wants_upgrade(request: &Request<Incoming>) -> bool {
+    request.version() == Version::HTTP_11
+        && request.headers().contains_key(header::UPGRADE)
+        && request
+            .headers()
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+type Forwarded = Result<(Response<Body>, Arc<str>), (Failure, Option<Arc<str>>)>;
+
+async fn forward(
+    gateway: &Gateway,
+    policy: &Policy,
+    index: usize,
+    peer: SocketAddr,
+    request_id: HeaderValue,
+    mut request: Request<Incoming>,
+) -> Forwarded {
+    let route = &policy.table.routes()[index];
+    let upstream = &policy.upstreams[index];
+    let upgrade = wants_upgrade(&request);
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
+    let (mut parts, body) = request.into_parts();
+    // Only a request without a body can be sent again.
+    let replayable = body.is_end_stream();
+    let retryable_method = is_idempotent(&parts.method);
+    let original_host = parts.headers.get(header::HOST).cloned().or_else(|| {
+        parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    });
+    strip_hop_by_hop(&mut parts.headers, upgrade);
+    set_forwarded(
+        &mut parts.headers,
+        peer.ip(),
+        policy.trusts(peer.ip()),
+        original_host.as_ref(),
+    );
+    parts.headers.insert(REQUEST_ID, request_id.clone());
+    let traceparent = gateway.ids.traceparent(&parts.headers);
+    parts.headers.insert(TRACEPARENT, traceparent);
+    if let Some(host) = route.host_rewrite.clone().or(original_host) {
+        parts.headers.insert(header::HOST, host);
+    }
+    let path = route.rewrite(parts.uri.path(), parts.uri.query());
+    let attempts = if replayable { 1 + route.retries } else { 1 };
+    let mut body = Some(body);
+    let mut tried: Vec<Arc<str>> = Vec::new();
+    let mut last: Option<(Failure, Arc<str>)> = None;
+    for _ in 0..attempts {
+        let backends = gateway.backends(route);
+        if backends.is_empty() {
+            let message = format!("no healthy instance of service {:?}", route.service);
+            return Err((Failure::new(StatusCode::SERVICE_UNAVAILABLE, message), None));
+        }
+        let Some(chosen) =
+            upstream
+                .picker
+                .pick(&backends, &tried, &gateway.outliers, Instant::now())
+        else {
+            break;
+        };
+        let backend = &backends[chosen];
+        tried.push(backend.key.clone());
+        let body = match body.take() {
+            Some(body) => body.map_err(BoxError::from).boxed(),
+            None => Empty::new().map_err(|never| match never {}).boxed(),
+        };
+        let Some(outgoing) = build_request(&parts, backend, &path, route.upstream, body) else {
+            let failure = Failure::new(StatusCode::BAD_GATEWAY, "cannot address the upstream");
+            return Err((failure, Some(backend.key.clone())));
+        };
+        let stats = gateway.outliers.stats(&backend.key);
+        stats
+            .in_flight
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let sent = tokio::time::timeout(route.timeout, upstream.client.request(outgoing)).await;
+        stats
+            .in_flight
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        let now = Instant::now();
+        match sent {
+            Err(_) => {
+                gateway.outliers.record(&stats, false, now);
+                gateway.count_error(route, "timeout");
+                let failure = Failure::new(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "the upstream did not answer in time",
+                );
+                return Err((failure, Some(backend.key.clone())));
+            }
+            Ok(Err(error)) => {
+                gateway.outliers.record(&stats, false, now);
+                let connect = error.is_connect();
+                gateway.count_error(route, if connect { "connect" } else { "reset" });
+                debug!(route = %route.name, instance = %backend.key, error = %error, "upstream attempt failed");
+                let failure = Failure::new(
+                    StatusCode::BAD_GATEWAY,
+                    "the upstream failed before responding",
+                );
+                last = Some((failure, backend.key.clone()));
+                if !(connect || retryable_method) {
+                    break;
+                }
+            }
+            Ok(Ok(mut response)) => {
+                let success = !response.status().is_server_error();
+                gateway.outliers.record(&stats, success, now);
+                if !success {
+                    gateway.count_error(route, "status_5xx");
+                }
+                let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+                if let (true, Some(client)) = (switching, client_upgrade) {
+                    tunnel(client, hyper::upgrade::on(&mut response));
+                    strip_hop_by_hop(response.headers_mut(), true);
+                } else {
+                    strip_hop_by_hop(response.headers_mut(), false);
+                }
+                response.headers_mut().insert(REQUEST_ID, request_id);
+                let response = response.map(|b| b.map_err(BoxError::from).boxed());
+                return Ok((response, backend.key.clone()));
+            }
+        }
+    }
+    match last {
+        Some((failure, instance)) => Err((failure, Some(instance))),
+        None => Err((
+            Failure::new(StatusCode::SERVICE_UNAVAILABLE, "no instance left to try"),
+            None,
+        )),
+    }
+}
+
+fn build_request(
+    parts: &hyper::http::request::Parts,
+    backend: &Backend,
+    path: &str,
+    protocol: UpstreamProtocol,
+    body: Body,
+) -> Option<Request<Body>> {
+    let uri: Uri = format!("http://{}{}", backend.addr, path).parse().ok()?;
+    let mut request = Request::new(body);
+    *request.method_mut() = parts.method.clone();
+    *request.uri_mut() = uri;
+    *request.version_mut() = match protocol {
+        UpstreamProtocol::Http1 => Version::HTTP_11,
+        UpstreamProtocol::H2 => Version::HTTP_2,
+    };
+    *request.headers_mut() = parts.headers.clone();
+    if protocol == UpstreamProtocol::H2 {
+        // HTTP/2 carries the host as :authority.
+        request.headers_mut().remove(header::HOST);
+    }
+    Some(request)
+}
+
+/// Joins the client's and the upstream's upgraded connections.
+fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+    tokio::spawn(async move {
+        if let (Ok(client), Ok(upstream)) = tokio::join!(client, upstream) {
+            let mut client = TokioIo::new(client);
+            let mut upstream = TokioIo::new(upstream);
+            let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+        }
+    });
+}
+
+fn error_response(failure: Failure, mut completion: Completion) -> Response<Body> {
+    completion.status = failure.status.as_u16();
+    let request_id = completion.request_id.clone();
+    let body = serde_json::json!({
+        "error": failure.message,
+        "request_id": request_id.to_str().unwrap_or(""),
+    })
+    .to_string();
+    let observed = Observed {
+        inner: Full::new(Bytes::from(body))
+            .map_err(|never| match never {})
+            .boxed(),
+        bytes: 0,
+        completion: Some(completion),
+    };
+    let mut response = Response::new(BoxBody::new(observed));
+    *response.status_mut() = failure.status;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    headers.insert(REQUEST_ID, request_id);
+    response
+}
