@@ -291,7 +291,7 @@ impl Config {
             .map_err(|(key, message)| ConfigError::Invalid {
                 file: file.into(),
                 line: None,
-                key: key.into(),
+                key,
                 message,
             })?;
         Ok(config)
