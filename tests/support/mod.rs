@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod upstream;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -24,6 +26,7 @@ pub const DEADLINE: Duration = Duration::from_secs(5);
 pub struct Muster {
     pub dns: SocketAddr,
     pub api: SocketAddr,
+    pub gateway: Option<SocketAddr>,
     pub http: reqwest::Client,
     running: Option<Running>,
     _data: tempfile::TempDir,
@@ -55,6 +58,7 @@ pub async fn start_with(mut config: Config) -> Muster {
     Muster {
         dns: running.dns[0],
         api: running.api,
+        gateway: running.gateway,
         http: reqwest::Client::builder()
             .timeout(DEADLINE)
             .build()

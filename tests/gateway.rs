@@ -1,0 +1,514 @@
+//! The front door against real backends the tests start: balancing,
+//! failover, retries and ejection, failures, header hygiene, WebSocket,
+//! HTTP/2, reload and metrics.
+
+mod support;
+
+use std::collections::BTreeMap;
+
+use muster::Config;
+use serde_json::{Value, json};
+use support::upstream::{Upstream, websocket_echo};
+use support::{Muster, start_with, test_config};
+
+/// A test config with these `[[gateway.routes]]` (and other `[gateway]`
+/// keys) on ephemeral ports.
+fn with_gateway(gateway_toml: &str) -> Config {
+    let parsed = Config::from_toml(gateway_toml, "gateway.toml").expect("valid test config");
+    let mut config = test_config();
+    let listen = config.gateway.listen;
+    config.gateway = parsed.gateway;
+    config.gateway.listen = listen;
+    config
+}
+
+const ORDERS: &str = r#"
+[gateway]
+eject_after_errors = 2
+[[gateway.routes]]
+name = "orders"
+path_prefix = "/api/orders"
+service = "orders"
+port = "http"
+strip_prefix = "/api"
+timeout = "500ms"
+"#;
+
+fn gateway_url(muster: &Muster, path: &str) -> String {
+    format!("http://{}{}", muster.gateway.unwrap(), path)
+}
+
+async fn get(muster: &Muster, path: &str) -> (u16, Value, reqwest::header::HeaderMap) {
+    let response = muster
+        .http
+        .get(gateway_url(muster, path))
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let json = response.json().await.unwrap_or(Value::Null);
+    (status, json, headers)
+}
+
+/// Which backend answered each of `n` GETs of `path`.
+async fn spread(muster: &Muster, path: &str, n: usize) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for _ in 0..n {
+        let (status, body, _) = get(muster, path).await;
+        assert_eq!(status, 200, "{body}");
+        *counts
+            .entry(body["backend"].as_str().unwrap().to_string())
+            .or_default() += 1;
+    }
+    counts
+}
+
+fn counts(pairs: &[(&str, usize)]) -> BTreeMap<String, usize> {
+    pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect()
+}
+
+#[tokio::test]
+async fn requests_round_robin_by_weight() {
+    let muster = start_with(with_gateway(ORDERS)).await;
+    let (a, b, c) = (
+        Upstream::start("a").await,
+        Upstream::start("b").await,
+        Upstream::start("c").await,
+    );
+    muster
+        .register_ok("orders", "a", a.instance(json!({"weight": 2})))
+        .await;
+    muster
+        .register_ok("orders", "b", b.instance(json!({"weight": 1})))
+        .await;
+    muster
+        .register_ok("orders", "c", c.instance(json!({"weight": 1})))
+        .await;
+    assert_eq!(
+        spread(&muster, "/api/orders/1", 40).await,
+        counts(&[("a", 20), ("b", 10), ("c", 10)])
+    );
+    muster.stop().await;
+}
+
+#[tokio::test]
+async fn least_request_spreads_over_idle_instances() {
+    let config =
+        with_gateway(&ORDERS.replace("timeout = \"500ms\"", "balance = \"least_request\""));
+    let muster = start_with(config).await;
+    let (a, b) = (Upstream::start("a").await, Upstream::start("b").await);
+    muster
+        .register_ok("orders", "a", a.instance(json!({})))
+        .await;
+    muster
+        .register_ok("orders", "b", b.instance(json!({})))
+        .await;
+    let spread = spread(&muster, "/api/orders", 40).await;
+    assert_eq!(spread.values().sum::<usize>(), 40);
+    assert!(spread.len() == 2, "both instances get requests: {spread:?}");
+    muster.stop().await;
+}
+
+#[tokio::test]
+async fn the_lowest_priority_level_serves_and_fails_over() {
+    let muster = start_with(with_gateway(ORDERS)).await;
+    let (primary, backup) = (
+        Upstream::start("primary").await,
+        Upstream::start("backup").await,
+    );
+    muster
+        .register_ok(
+            "orders",
+            "primary",
+            primary.instance(json!({"priority": 0})),
+        )
+        .await;
+    muster
+        .register_ok("orders", "backup", backup.instance(json!({"priority": 1})))
+        .await;
+    assert_eq!(
+        spread(&muster, "/api/orders", 10).await,
+        counts(&[("primary", 10)])
+    );
+    // Critical (a heartbeat says so): the backup level takes over.
+    let response = muster
+        .http
+        .put(muster.url("/v1/services/orders/instances/primary/heartbeat"))
+        .json(&json!({"status": "critical"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        spread(&muster, "/api/orders", 10).await,
+        counts(&[("backup", 10)])
+    );
+    muster.stop().await;
+}
+
+#[tokio::test]
+async fn deregistered_and_drained_instances_get_no_new_requests() {
+    let muster = start_with(with_gateway(ORDERS)).await;
+    let (a, b) = (Upstream::start("a").await, Upstream::start("b").await);
+    muster
+        .register_ok("orders", "a", a.instance(json!({})))
+        .await;
+    muster
+        .register_ok("orders", "b", b.instance(json!({})))
+        .await;
+    assert_eq!(muster.deregister("orders", "a").await, 204);
+    assert_eq!(spread(&muster, "/api/orders", 6).await, counts(&[("b", 6)]));
+    muster
+        .register_ok("orders", "a", a.instance(json!({})))
+        .await;
+    let drained = muster
+        .http
+        .put(muster.url("/v1/services/orders/instances/b/maintenance"))
+        .json(&json!({"enabled": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(drained.status(), 200);
+    assert_eq!(spread(&muster, "/api/orders", 6).await, counts(&[("a", 6)]));
+    muster.stop().await;
+}
+
+#[tokio::test]
+async fn a_killed_backend_costs_get_clients_nothing_and_is_ejected() {
+    let muster = start_with(with_gateway(ORDERS)).await;
+    let (a, b, c) = (
+        Upstream::start("a").await,
+        Upstream::start("b").await,
+        Upstream::start("c").await,
+    );
+    for (id, upstream) in [("a", &a), ("b", &b), ("c", &c)] {
+        muster
+            .register_ok("orders", id, upstream.instance(json!({})))
+            .await;
+    }
+    b.kill();
+    let spread = spread(&muster, "/api/orders", 60).await;
+    assert_eq!(spread.values().sum::<usize>(), 60, "every GET succeeded");
+    assert!(!spread.contains_key("b"));
+    let (_, metrics) = metrics_text(&muster).await;
+    let connect_errors = metric_value(
+        &metrics,
+        "muster_gateway_upstream_errors_total{route=\"orders\",kind=\"connect\"}",
+    );
+    assert!(
+        (1.0..=2.0).contains(&connect_errors),
+        "ejected after 2 errors, tried {connect_errors} times"
+    );
+    muster.stop().await;
+}
+
+#[tokio::test]
+async fn failures_answer_503_502_504_and_404_in_json() {
+    let muster = start_with(with_gateway(ORDERS)).await;
+    let (status, body, headers) = get(&muster, "/api/orders").await;
+    assert_eq!(status, 503, "no instance: {body}");
+    assert_eq!(
+        body["request_id"],
+        headers["x-request-id"].to_str().unwrap()
+    );
+    let (status, body, _) = get(&muster, "/nowhere").await;
+    assert_eq!(status, 404);
+    assert!(body["error"].as_str().unwrap().contains("no route"));
+
+    let dead = Upstream::start("dead").await;
+    muster
+        .register_ok("orders", "dead", dead.instance(json!({})))
+        .await;
+    dead.kill();
+    let (status, body, _) = get(&muster, "/api/orders").await;
+    assert_eq!(status, 502, "{body}");
+    let post = muster
+        .http
+        .post(gateway_url(&muster, "/api/orders"))
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(post.status(), 502);
+
+    let slow = Upstream::start("slow").await;
+    muster.deregister("orders", "dead").await;
+    muster
+        .register_ok("orders", "slow", slow.instance(json!({})))
+        .await;
+    let (status, body, _) = get(&muster, "/api/orders/slow").await;
+    assert_eq!(status, 504, "{body}");
+    let (status, body, _) = get(&muster, "/api/orders/status/503").await;
+    assert_eq!(
+        (status, body["backend"].as_str()),
+        (503, Some("slow")),
+        "upstream errors pass through"
+    );
+    muster.stop().await;
+}
+
+#[tokio::test]
+async fn headers_are_cleaned_forwarded_and_traced() {
+    let config = with_gateway(&ORDERS.replace(
+        "[[gateway.routes]]",
+        "[[gateway.routes]]\nhost_rewrite = \"orders.internal\"",
+    ));
+    let muster = start_with(config).await;
+    let a = Upstream::start("a").await;
+    muster
+        .register_ok("orders", "a", a.instance(json!({})))
+        .await;
+    let response = muster
+        .http
+        .get(gateway_url(&muster, "/api/orders/42?x=1"))
+        .header("connection", "x-private")
+        .header("x-private", "secret")
+        .header("keep-alive", "timeout=5")
+        .header("proxy-connection", "keep-alive")
+        .header("te", "trailers")
+        .header("x-forwarded-for", "6.6.6.6")
+        .header("forwarded", "for=6.6.6.6")
+        .header("x-request-id", "client-chosen-1")
+        .header(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["x-request-id"], "client-chosen-1");
+    let seen: Value = response.json().await.unwrap();
+    let headers = &seen["headers"];
+    assert_eq!(seen["path"], "/orders/42", "strip_prefix");
+    assert_eq!(seen["query"], "x=1");
+    for gone in ["x-private", "keep-alive", "proxy-connection", "connection"] {
+        assert!(
+            headers.get(gone).is_none(),
+            "{gone} reached the upstream: {headers}"
+        );
+    }
+    assert_eq!(headers["te"], "trailers");
+    assert_eq!(
+        headers["x-forwarded-for"], "127.0.0.1",
+        "spoofed value replaced"
+    );
+    assert_eq!(headers["x-forwarded-proto"], "http");
+    assert!(
+        headers["x-forwarded-host"]
+            .as_str()
+            .unwrap()
+            .starts_with("127.0.0.1:")
+    );
+    assert!(
+        headers["forwarded"]
+            .as_str()
+            .unwrap()
+            .starts_with("for=127.0.0.1;proto=http")
+    );
+    assert_eq!(headers["host"], "orders.internal", "host_rewrite");
+    assert_eq!(headers["x-request-id"], "client-chosen-1");
+    let traceparent = headers["traceparent"].as_str().unwrap();
+    assert!(traceparent.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"));
+    assert!(
+        !traceparent.contains("00f067aa0ba902b7"),
+        "a new span for this hop"
+    );
+
+    let (_, fresh, response_headers) = get(&muster, "/api/orders").await;
+    assert_eq!(
+        response_headers["x-request-id"].len(),
+        32,
+        "generated when absent"
+    );
+    assert_eq!(
+        fresh["headers"]["x-request-id"],
+        response_headers["x-request-id"].to_str().unwrap()
+    );
+    muster.stop().await;
+}
+
+#[tokio::test]
+async fn trusted_proxies_extend_the_forwarding_headers() {
+    let config = with_gateway(&ORDERS.replace(
+        "[gateway]",
+        "[gateway]\ntrusted_proxies = [\"127.0.0.0/8\"]",
+    ));
+    let muster = start_with(config).await;
+    let a = Upstream::start("a").await;
+    muster
+        .register_ok("orders", "a", a.instance(json!({})))
+        .await;
+    let seen: Value = muster
+        .http
+        .get(gateway_url(&muster, "/api/orders"))
+        .header("x-forwarded-for", "203.0.113.9")
+        .header("x-forwarded-proto", "https")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(seen["headers"]["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
+    assert_eq!(seen["headers"]["x-forwarded-proto"], "https");
+    muster.stop().await;
+}
+
+#[tokio::test]
+async fn websockets_pass_through() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let config = with_gateway(
+        "[[gateway.routes]]\nname = \"ws\"\npath_prefix = \"/ws\"\nservice = \"chat\"\n",
+    );
+    let muster = start_with(config).await;
+    let (echo, _stop) = websocket_echo().await;
+    muster
+        .register_ok(
+            "chat",
+            "c-1",
+            json!({"address": echo.ip().to_string(), "port": echo.port()}),
+        )
+        .await;
+    let stream = tokio::net::TcpStream::connect(muster.gateway.unwrap())
+        .await
+        .unwrap();
+    let url = format!("ws://{}/ws", muster.gateway.unwrap());
+    let (mut socket, response) = tokio_tungstenite::client_async(url, stream).await.unwrap();
+    assert_eq!(response.status(), 101);
+    for text in ["hello", "through the front door"] {
+        socket.send(Message::text(text)).await.unwrap();
+        let echoed = socket.next().await.unwrap().unwrap();
+        assert_eq!(echoed.into_text().unwrap().as_str(), text);
+    }
+    muster.stop().await;
+}
+
+#[tokio::test]
+async fn h2c_from_clients_and_h2_to_upstreams() {
+    let config = with_gateway(&format!(
+        "{ORDERS}\n[[gateway.routes]]\nname = \"h2\"\npath_prefix = \"/h2\"\nservice = \"orders\"\nupstream = \"h2\"\n"
+    ));
+    let muster = start_with(config).await;
+    let a = Upstream::start("a").await;
+    muster
+        .register_ok("orders", "a", a.instance(json!({})))
+        .await;
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let response = h2
+        .get(gateway_url(&muster, "/api/orders"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.version(), reqwest::Version::HTTP_2);
+    let seen: Value = response.json().await.unwrap();
+    assert_eq!(seen["version"], "HTTP/1.1", "http1 upstream by default");
+    let seen: Value = muster
+        .http
+        .get(gateway_url(&muster, "/h2/x"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(seen["version"], "HTTP/2.0", "upstream = \"h2\"");
+    muster.stop().await;
+}
+
+#[tokio::test]
+async fn routes_reload_and_a_bad_reload_keeps_the_old_ones() {
+    let muster = start_with(with_gateway(ORDERS)).await;
+    let a = Upstream::start("a").await;
+    muster
+        .register_ok("orders", "a", a.instance(json!({})))
+        .await;
+    muster
+        .register_ok("billing", "b", a.instance(json!({})))
+        .await;
+    assert_eq!(get(&muster, "/billing").await.0, 404);
+    let new = with_gateway(
+        "[[gateway.routes]]\nname = \"billing\"\npath_prefix = \"/billing\"\nservice = \"billing\"\n",
+    );
+    muster.reloader().reload(Some(&new)).unwrap();
+    assert_eq!(get(&muster, "/billing").await.0, 200);
+    assert_eq!(
+        get(&muster, "/api/orders").await.0,
+        404,
+        "the old routes are gone"
+    );
+
+    let mut bad = new.clone();
+    bad.zones_dir = "/nonexistent/zones/dir/file.zone".into();
+    std::fs::write(std::env::temp_dir().join("muster-not-a-dir"), "").ok();
+    bad.zones_dir = std::env::temp_dir().join("muster-not-a-dir");
+    assert!(muster.reloader().reload(Some(&bad)).is_err());
+    assert_eq!(get(&muster, "/billing").await.0, 200, "still served");
+    muster.stop().await;
+}
+
+async fn metrics_text(muster: &Muster) -> (u16, String) {
+    let response = muster
+        .http
+        .get(muster.url("/metrics"))
+        .send()
+        .await
+        .unwrap();
+    (response.status().as_u16(), response.text().await.unwrap())
+}
+
+fn metric_value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn metrics_count_requests_and_latency_per_route() {
+    let muster = start_with(with_gateway(ORDERS)).await;
+    let a = Upstream::start("a").await;
+    muster
+        .register_ok("orders", "a", a.instance(json!({})))
+        .await;
+    for _ in 0..3 {
+        get(&muster, "/api/orders").await;
+    }
+    get(&muster, "/api/orders/status/500").await;
+    let (status, text) = metrics_text(&muster).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        metric_value(
+            &text,
+            "muster_gateway_requests_total{route=\"orders\",code=\"200\"}"
+        ),
+        3.0,
+        "{text}"
+    );
+    assert_eq!(
+        metric_value(
+            &text,
+            "muster_gateway_requests_total{route=\"orders\",code=\"500\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric_value(
+            &text,
+            "muster_gateway_request_duration_seconds_count{route=\"orders\"}"
+        ),
+        4.0
+    );
+    assert_eq!(
+        metric_value(
+            &text,
+            "muster_gateway_upstream_errors_total{route=\"orders\",kind=\"status_5xx\"}"
+        ),
+        1.0
+    );
+    muster.stop().await;
+}
