@@ -69,6 +69,12 @@ pub struct GatewayConfig {
     pub eject_for: Duration,
     #[serde(with = "duration")]
     pub eject_max: Duration,
+    /// A standalone gateway: find backends by SRV lookups to this DNS
+    /// server (under `dns.zone`) instead of the local registry.
+    pub resolver: Option<SocketAddr>,
+    /// How long the last good SRV answer keeps serving when lookups fail.
+    #[serde(with = "duration")]
+    pub stale_for: Duration,
     pub routes: Vec<RouteConfig>,
 }
 
@@ -216,6 +222,8 @@ impl Default for GatewayConfig {
             eject_after_errors: 5,
             eject_for: Duration::from_secs(10),
             eject_max: Duration::from_secs(300),
+            resolver: None,
+            stale_for: Duration::from_secs(300),
             routes: Vec::new(),
         }
     }

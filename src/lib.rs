@@ -86,7 +86,7 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
     )?);
     let authority = Arc::new(authority(config, dns, zones_dir, &registry)?);
     let metrics = Arc::new(Metrics::default());
-    let front_door = Arc::new(Gateway::new(gateway, registry.clone(), metrics.clone())?);
+    let front_door = Arc::new(Gateway::new(config, registry.clone(), metrics.clone())?);
     let reloader = Reloader {
         authority: authority.clone(),
         gateway: front_door.clone(),

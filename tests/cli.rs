@@ -100,6 +100,17 @@ fn a_bad_zone_file_stops_startup_with_file_and_line() {
     assert!(stderr.contains("broken.internal.zone:4"), "{stderr}");
 }
 
+/// A `key=value` field of the ready line.
+fn log_field(served: &support::Served, key: &str) -> String {
+    let log = served.log.lock().unwrap();
+    let ready = log.iter().find(|l| l.contains("muster ready")).unwrap();
+    ready
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix(key))
+        .unwrap()
+        .to_string()
+}
+
 fn wait_for_exit(child: &mut Child, deadline: Duration) -> Option<std::process::ExitStatus> {
     let start = Instant::now();
     while start.elapsed() < deadline {
@@ -170,6 +181,15 @@ async fn serve_registers_resolves_reloads_on_sighup_and_stops_on_sigterm() {
         matches!(&reply.answers[..], [r] if matches!(&r.data, RData::A(a) if a.0.to_string() == "10.7.0.1"))
     );
 
+    let front_door = log_field(&served, "gateway=");
+    let missing = client
+        .get(format!("http://{front_door}/no/route"))
+        .header("x-request-id", "e2e-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status().as_u16(), 404);
+
     for _ in 0..3 {
         let over_tcp = support::query_tcp(
             served.dns,
@@ -200,6 +220,24 @@ async fn serve_registers_resolves_reloads_on_sighup_and_stops_on_sigterm() {
         "{log:#?}"
     );
     assert!(log.iter().any(|l| l.contains("shutting down")), "{log:#?}");
+    let access: Vec<&String> = log
+        .iter()
+        .filter(|l| l.contains("muster::access"))
+        .collect();
+    assert_eq!(
+        access.len(),
+        1,
+        "one access-log event per request: {log:#?}"
+    );
+    for field in [
+        "status=404",
+        "request_id=e2e-1",
+        "path=/no/route",
+        "bytes=",
+        "latency_ms=",
+    ] {
+        assert!(access[0].contains(field), "{field} in {}", access[0]);
+    }
     let per_query: Vec<&String> = log
         .iter()
         .filter(|l| l.contains("payment.svc.internal") || l.contains("request:"))

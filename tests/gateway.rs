@@ -512,3 +512,41 @@ async fn metrics_count_requests_and_latency_per_route() {
     );
     muster.stop().await;
 }
+
+#[tokio::test]
+async fn a_standalone_gateway_follows_srv_records_over_dns() {
+    let mut registry_config = test_config();
+    registry_config.gateway.enabled = false;
+    registry_config.dns.ttl = std::time::Duration::from_secs(1);
+    let registry = start_with(registry_config).await;
+    let (a, b) = (Upstream::start("a").await, Upstream::start("b").await);
+    registry
+        .register_ok("orders", "a", a.instance(json!({})))
+        .await;
+    registry
+        .register_ok("orders", "b", b.instance(json!({})))
+        .await;
+
+    let mut config = with_gateway(ORDERS);
+    config.gateway.resolver = Some(registry.dns);
+    let front = start_with(config).await;
+    assert_eq!(
+        spread(&front, "/api/orders", 10).await,
+        counts(&[("a", 5), ("b", 5)])
+    );
+
+    // The gateway follows DNS once the TTL has passed.
+    assert_eq!(registry.deregister("orders", "a").await, 204);
+    support::wait_until("the gateway stops sending to a", || async {
+        let spread = spread(&front, "/api/orders", 4).await;
+        (spread == counts(&[("b", 4)])).then_some(())
+    })
+    .await;
+
+    // DNS gone: the last good answer keeps serving. The pause outlasts the
+    // 1 s TTL, so the expired answer (not a fresh one) is what serves.
+    registry.stop().await;
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    assert_eq!(spread(&front, "/api/orders", 3).await, counts(&[("b", 3)]));
+    front.stop().await;
+}

@@ -9,13 +9,14 @@
 //! with the policy they started with. Never writes to the registry.
 
 mod balance;
+mod discovery;
 mod headers;
 mod proxy;
 mod routes;
 
 use std::convert::Infallible;
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,10 +35,11 @@ use tracing::warn;
 
 pub use routes::validate_route;
 
-use crate::config::{GatewayConfig, UpstreamProtocol};
-use crate::registry::{PortSelector, Protocol, Registry};
+use crate::config::{Config, GatewayConfig, UpstreamProtocol};
+use crate::registry::Registry;
 use crate::telemetry::{Metrics, UpstreamError};
 use balance::{Backend, Outliers, Picker};
+use discovery::{Discovery, DnsDiscovery};
 use headers::Ids;
 use proxy::Body;
 use routes::{Route, RouteTable};
@@ -112,25 +114,41 @@ fn client(route: &Route, idle_timeout: Duration) -> Client<HttpConnector, Body> 
 /// The running front door.
 pub struct Gateway {
     policy: ArcSwap<Policy>,
-    registry: Arc<Registry>,
+    discovery: Discovery,
     outliers: Outliers,
     ids: Ids,
     metrics: Arc<Metrics>,
 }
 
 impl Gateway {
+    /// With `gateway.resolver` set, backends come from SRV lookups under
+    /// `dns.zone`; otherwise from `registry`.
     pub fn new(
-        config: &GatewayConfig,
+        config: &Config,
         registry: Arc<Registry>,
         metrics: Arc<Metrics>,
     ) -> Result<Self, GatewayError> {
+        let gateway = &config.gateway;
+        let discovery = match gateway.resolver {
+            None => Discovery::Registry(registry),
+            Some(server) => {
+                let error = |message: String| GatewayError {
+                    key: "resolver".into(),
+                    message,
+                };
+                let zone = hickory_proto::rr::Name::from_ascii(config.zone_fqdn())
+                    .map_err(|e| error(e.to_string()))?;
+                let dns = DnsDiscovery::new(server, zone, gateway.stale_for).map_err(error)?;
+                Discovery::Dns(Arc::new(dns))
+            }
+        };
         Ok(Self {
-            policy: ArcSwap::from_pointee(Policy::new(config)?),
-            registry,
+            policy: ArcSwap::from_pointee(Policy::new(gateway)?),
+            discovery,
             outliers: Outliers::new(
-                config.eject_after_errors,
-                config.eject_for,
-                config.eject_max,
+                gateway.eject_after_errors,
+                gateway.eject_for,
+                gateway.eject_max,
             ),
             ids: Ids::default(),
             metrics,
@@ -144,25 +162,9 @@ impl Gateway {
         Ok(())
     }
 
-    /// The instances a route may use, from the current snapshot.
-    fn backends(&self, route: &Route) -> Vec<Backend> {
-        let snapshot = self.registry.load();
-        let Some(service) = snapshot.service(&route.service) else {
-            return Vec::new();
-        };
-        let selector = match &route.port {
-            Some(port) => PortSelector::Named(port, Protocol::Tcp),
-            None => PortSelector::Default,
-        };
-        service
-            .endpoints(selector, &[])
-            .map(|endpoint| Backend {
-                key: format!("{}/{}", service.name(), endpoint.instance.id).into(),
-                addr: SocketAddr::new(endpoint.instance.address, endpoint.port),
-                priority: endpoint.instance.priority,
-                weight: endpoint.instance.weight,
-            })
-            .collect()
+    /// The instances a route may use now.
+    async fn backends(&self, route: &Route) -> Vec<Backend> {
+        self.discovery.backends(route).await
     }
 
     fn count_error(&self, route: &Route, kind: &'static str) {

@@ -62,13 +62,13 @@ impl Completion {
             target: "muster::access",
             route = %self.route,
             service = %self.service,
-            instance = self.instance.as_deref().unwrap_or("-"),
+            instance = %self.instance.as_deref().unwrap_or("-"),
             status = self.status,
             method = %self.method,
             path = %self.path,
             bytes,
             latency_ms = seconds * 1000.0,
-            request_id = self.request_id.to_str().unwrap_or("-"),
+            request_id = %self.request_id.to_str().unwrap_or("-"),
             "request"
         );
         let metrics = &self.gateway.metrics;
@@ -266,7 +266,7 @@ async fn forward(
     let mut tried: Vec<Arc<str>> = Vec::new();
     let mut last: Option<(Failure, Arc<str>)> = None;
     for _ in 0..attempts {
-        let backends = gateway.backends(route);
+        let backends = gateway.backends(route).await;
         if backends.is_empty() {
             let message = format!("no healthy instance of service {:?}", route.service);
             return Err((Failure::new(StatusCode::SERVICE_UNAVAILABLE, message), None));

@@ -1,0 +1,234 @@
+//! Where the gateway's backends come from: the local registry snapshot
+//! (through `Service::endpoints`, the function behind SRV answers), or,
+//! for a standalone gateway with `gateway.resolver`, the SRV records of
+//! any muster (or other DNS server) looked up over DNS.
+//!
+//! Over DNS, an answer is reused until its TTL runs out. After that the
+//! expired answer still serves (for `stale_for` at most) while one
+//! background lookup refreshes it, as RFC 8767 describes: requests never
+//! wait on a slow or dead DNS server once a name has been resolved, and a
+//! DNS outage does not take the front door down with it. Only the first
+//! lookup of a name is waited for, and that for a bounded time.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use hickory_proto::rr::{Name, RData, RecordType};
+use hickory_resolver::TokioResolver;
+use hickory_resolver::config::{NameServerConfig, ResolverConfig, ResolverOpts};
+use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use tracing::warn;
+
+use super::balance::Backend;
+use super::routes::Route;
+use crate::registry::{PortSelector, Protocol, Registry};
+
+/// The source of backends.
+pub enum Discovery {
+    Registry(Arc<Registry>),
+    Dns(Arc<DnsDiscovery>),
+}
+
+impl Discovery {
+    /// The instances `route` may use now.
+    pub async fn backends(&self, route: &Route) -> Vec<Backend> {
+        match self {
+            Self::Registry(registry) => from_registry(registry, route),
+            Self::Dns(dns) => dns.backends(route).await,
+        }
+    }
+}
+
+fn from_registry(registry: &Registry, route: &Route) -> Vec<Backend> {
+    let snapshot = registry.load();
+    let Some(service) = snapshot.service(&route.service) else {
+        return Vec::new();
+    };
+    let selector = match &route.port {
+        Some(port) => PortSelector::Named(port, Protocol::Tcp),
+        None => PortSelector::Default,
+    };
+    service
+        .endpoints(selector, &[])
+        .map(|endpoint| Backend {
+            key: format!("{}/{}", service.name(), endpoint.instance.id).into(),
+            addr: SocketAddr::new(endpoint.instance.address, endpoint.port),
+            priority: endpoint.instance.priority,
+            weight: endpoint.instance.weight,
+        })
+        .collect()
+}
+
+/// The longest a request waits for the first lookup of a name.
+const FIRST_LOOKUP: Duration = Duration::from_secs(2);
+
+/// An answer kept for reuse.
+struct Cached {
+    backends: Vec<Backend>,
+    valid_until: Instant,
+}
+
+#[derive(Default)]
+struct Cache {
+    answers: HashMap<Name, Cached>,
+    /// Names with a background refresh under way.
+    refreshing: HashSet<Name>,
+}
+
+/// Backends from SRV records over DNS.
+pub struct DnsDiscovery {
+    resolver: TokioResolver,
+    zone: Name,
+    stale_for: Duration,
+    cache: Mutex<Cache>,
+}
+
+impl DnsDiscovery {
+    /// Asks only `server` (UDP, then TCP for truncated answers) about
+    /// names under `zone`.
+    pub fn new(server: SocketAddr, zone: Name, stale_for: Duration) -> Result<Self, String> {
+        let mut name_server = NameServerConfig::udp_and_tcp(server.ip());
+        for connection in &mut name_server.connections {
+            connection.port = server.port();
+        }
+        let mut builder = TokioResolver::builder_with_config(
+            ResolverConfig::from_name_servers(vec![name_server]),
+            TokioRuntimeProvider::default(),
+        );
+        let options: &mut ResolverOpts = builder.options_mut();
+        options.timeout = Duration::from_secs(1);
+        options.attempts = 1;
+        let resolver = builder.build().map_err(|e| e.to_string())?;
+        Ok(Self {
+            resolver,
+            zone,
+            stale_for,
+            cache: Mutex::new(Cache::default()),
+        })
+    }
+
+    /// `_<port>._tcp.<service>.<zone>`, or `<service>.<zone>`.
+    fn srv_name(&self, route: &Route) -> Option<Name> {
+        let relative = match &route.port {
+            Some(port) => format!("_{port}._tcp.{}", route.service),
+            None => route.service.clone(),
+        };
+        Name::from_ascii(relative)
+            .ok()?
+            .append_domain(&self.zone)
+            .ok()
+    }
+
+    async fn backends(self: &Arc<Self>, route: &Route) -> Vec<Backend> {
+        let Some(name) = self.srv_name(route) else {
+            return Vec::new();
+        };
+        let now = Instant::now();
+        let (answer, refresh) = {
+            let mut cache = self.lock();
+            let (answer, expired) = match cache.answers.get(&name) {
+                Some(c) if now < c.valid_until => (Some(c.backends.clone()), false),
+                Some(c) if now < c.valid_until + self.stale_for => (Some(c.backends.clone()), true),
+                _ => (None, false),
+            };
+            let refresh = expired && cache.refreshing.insert(name.clone());
+            (answer, refresh)
+        };
+        if refresh {
+            let discovery = self.clone();
+            let name = name.clone();
+            tokio::spawn(async move { discovery.refresh(name).await });
+        }
+        if let Some(answer) = answer {
+            return answer;
+        }
+        match tokio::time::timeout(FIRST_LOOKUP, self.lookup(&name)).await {
+            Ok(Ok(answer)) => {
+                let backends = answer.backends.clone();
+                self.lock().answers.insert(name, answer);
+                backends
+            }
+            Ok(Err(error)) => {
+                warn!(name = %name, error = %error, "srv lookup failed");
+                Vec::new()
+            }
+            Err(_) => {
+                warn!(name = %name, "srv lookup timed out");
+                Vec::new()
+            }
+        }
+    }
+
+    /// Replaces an expired answer; a failure keeps the old one (until it
+    /// is too stale to serve).
+    async fn refresh(&self, name: Name) {
+        let looked_up = self.lookup(&name).await;
+        let mut cache = self.lock();
+        cache.refreshing.remove(&name);
+        match looked_up {
+            Ok(answer) => {
+                cache.answers.insert(name, answer);
+            }
+            Err(error) => {
+                warn!(name = %name, error = %error, "srv refresh failed; serving the last answer")
+            }
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Cache> {
+        self.cache.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The SRV records of `name` with their targets' addresses (from the
+    /// additional section, else looked up).
+    async fn lookup(&self, name: &Name) -> Result<Cached, String> {
+        let lookup = match self.resolver.lookup(name.clone(), RecordType::SRV).await {
+            Ok(lookup) => lookup,
+            // A name with no instances is an answer, not an outage.
+            Err(error) if error.is_no_records_found() => {
+                return Ok(Cached {
+                    backends: Vec::new(),
+                    valid_until: Instant::now() + Duration::from_secs(1),
+                });
+            }
+            Err(error) => return Err(error.to_string()),
+        };
+        let mut addresses: HashMap<Name, IpAddr> = HashMap::new();
+        for record in lookup.additionals() {
+            match &record.data {
+                RData::A(a) => addresses.insert(record.name.clone(), IpAddr::V4(a.0)),
+                RData::AAAA(aaaa) => addresses.insert(record.name.clone(), IpAddr::V6(aaaa.0)),
+                _ => None,
+            };
+        }
+        let mut backends = Vec::new();
+        for record in lookup.answers() {
+            let RData::SRV(srv) = &record.data else {
+                continue;
+            };
+            let address = match addresses.get(&srv.target) {
+                Some(address) => Some(*address),
+                None => self
+                    .resolver
+                    .lookup_ip(srv.target.clone())
+                    .await
+                    .ok()
+                    .and_then(|ips| ips.iter().next()),
+            };
+            if let Some(address) = address {
+                backends.push(Backend {
+                    key: srv.target.to_string().into(),
+                    addr: SocketAddr::new(address, srv.port),
+                    priority: srv.priority,
+                    weight: srv.weight,
+                });
+            }
+        }
+        Ok(Cached {
+            backends,
+            valid_until: lookup.valid_until(),
+        })
+    }
+}
