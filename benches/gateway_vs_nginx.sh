@@ -1,0 +1,159 @@
+#!/usr/bin/env bash
+# The muster gateway and nginx side by side as keep-alive reverse proxies
+# in front of the same backend, loaded the same way by wrk.
+#
+#   benches/gateway_vs_nginx.sh [SECONDS per run, default 10] [ROUNDS, default 3]
+#
+# Layout (2 cores): the proxy under test on CPU 0; the backend (nginx
+# answering a fixed 230-byte body) and wrk (-t1 -c64) on CPU 1. Runs
+# alternate nginx, muster, nginx, muster ... so both see the same machine
+# state. Access logs are on for both (to files). The proxy's CPU time is
+# read from /proc/PID/task/*/schedstat before and after each run.
+# Installs nothing: it says what to install if a tool is missing.
+set -euo pipefail
+
+seconds=${1:-10}
+rounds=${2:-3}
+connections=64
+
+missing=()
+for tool in nginx:nginx wrk:wrk taskset:util-linux curl:curl; do
+  command -v "${tool%%:*}" >/dev/null 2>&1 || missing+=("${tool#*:}")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "missing tools; install them with: apt-get install ${missing[*]}" >&2
+  exit 1
+fi
+if [ "$(nproc)" -lt 2 ]; then
+  echo "needs 2 CPUs (proxy on one, backend and wrk on the other)" >&2
+  exit 1
+fi
+
+cd "$(dirname "$0")/.."
+cargo build --release --quiet
+muster_bin=$PWD/target/release/muster
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+backend_port=$(free_port)
+nginx_port=$(free_port)
+gateway_port=$(free_port)
+body=$(printf 'x%.0s' $(seq 1 230))
+
+nginx_conf() { # name, body of the http block
+  mkdir -p "$work/$1"
+  cat >"$work/$1/nginx.conf" <<EOF
+daemon off;
+master_process off;
+worker_processes 1;
+error_log $work/$1/error.log warn;
+pid $work/$1/nginx.pid;
+events { worker_connections 4096; }
+http {
+  client_body_temp_path $work/$1; proxy_temp_path $work/$1;
+  fastcgi_temp_path $work/$1; uwsgi_temp_path $work/$1; scgi_temp_path $work/$1;
+  $2
+}
+EOF
+}
+
+nginx_conf backend "access_log off;
+  keepalive_requests 1000000;
+  server { listen 127.0.0.1:$backend_port; location / { default_type text/plain; return 200 '$body'; } }"
+nginx_conf proxy "access_log $work/proxy/access.log;
+  keepalive_requests 1000000;
+  upstream backend { server 127.0.0.1:$backend_port; keepalive 64; }
+  server { listen 127.0.0.1:$nginx_port; location / {
+    proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection \"\";
+    proxy_set_header X-Forwarded-For \$remote_addr; } }"
+
+taskset -c 1 nginx -c "$work/backend/nginx.conf" & pids+=($!)
+
+# The proxy's CPU nanoseconds so far, all threads.
+cpu_ns() { cat /proc/"$1"/task/*/schedstat 2>/dev/null | awk '{ sum += $1 } END { print sum + 0 }'; }
+
+# A wrk run against $1; prints "rps p50_ms p99_ms requests".
+load() {
+  taskset -c 1 wrk -t1 -c"$connections" -d"${seconds}s" --latency "http://127.0.0.1:$1/bench" |
+    awk '
+      function ms(v) { if (v ~ /us$/) return v / 1000; if (v ~ /ms$/) return v + 0; if (v ~ /s$/) return v * 1000; return v }
+      /Requests\/sec/ { rps = $2 }
+      /requests in/ { requests = $1 }
+      $1 == "50%" { p50 = ms($2) }
+      $1 == "99%" { p99 = ms($2) }
+      END { printf "%s %.3f %.3f %s\n", rps, p50, p99, requests }'
+}
+
+wait_for() { for _ in $(seq 1 100); do curl -fs -o /dev/null "$1" && return 0; sleep 0.1; done; echo "no answer from $1" >&2; exit 1; }
+
+start_nginx() { taskset -c 0 nginx -c "$work/proxy/nginx.conf" & proxy_pid=$!; wait_for "http://127.0.0.1:$nginx_port/bench"; }
+
+start_muster() {
+  mkdir -p "$work/muster"
+  cat >"$work/muster/muster.toml" <<EOF
+data_dir = "$work/muster/data"
+store = "memory"
+zones_dir = "$PWD/zones"
+[dns]
+listen = ["127.0.0.1:0"]
+[api]
+listen = "127.0.0.1:0"
+[gateway]
+listen = "127.0.0.1:$gateway_port"
+[[gateway.routes]]
+name = "bench"
+service = "backend"
+[log]
+level = "info"
+EOF
+  taskset -c 0 "$muster_bin" serve --config "$work/muster/muster.toml" 2>"$work/muster/log" & proxy_pid=$!
+  for _ in $(seq 1 100); do grep -q "muster ready" "$work/muster/log" 2>/dev/null && break; sleep 0.1; done
+  api=$(grep -o 'api=[0-9.:]*' "$work/muster/log" | head -1 | cut -d= -f2)
+  curl -fs -X PUT "http://$api/v1/services/backend/instances/b-1" -H 'content-type: application/json' \
+    -d "{\"address\": \"127.0.0.1\", \"port\": $backend_port}" >/dev/null
+  wait_for "http://127.0.0.1:$gateway_port/bench"
+}
+
+stop_proxy() { kill "$proxy_pid"; wait "$proxy_pid" 2>/dev/null || true; }
+
+declare -A total_rps total_cpu total_p50 total_p99
+results=()
+for round in $(seq 1 "$rounds"); do
+  for proxy in nginx muster; do
+    if [ "$proxy" = nginx ]; then start_nginx; port=$nginx_port; else start_muster; port=$gateway_port; fi
+    before=$(cpu_ns "$proxy_pid")
+    read -r rps p50 p99 requests < <(load "$port")
+    after=$(cpu_ns "$proxy_pid")
+    rss=$(awk '/VmRSS/ { print $2 }' /proc/"$proxy_pid"/status)
+    stop_proxy
+    cpu_us=$(awk -v a="$after" -v b="$before" -v n="$requests" 'BEGIN { printf "%.2f", (a - b) / 1000 / n }')
+    results+=("$round $proxy $rps $p50 $p99 $cpu_us $rss")
+    total_rps[$proxy]=$(awk -v t="${total_rps[$proxy]:-0}" -v x="$rps" 'BEGIN { print t + x }')
+    total_cpu[$proxy]=$(awk -v t="${total_cpu[$proxy]:-0}" -v x="$cpu_us" 'BEGIN { print t + x }')
+    total_p50[$proxy]=$(awk -v t="${total_p50[$proxy]:-0}" -v x="$p50" 'BEGIN { print t + x }')
+    total_p99[$proxy]=$(awk -v t="${total_p99[$proxy]:-0}" -v x="$p99" 'BEGIN { print t + x }')
+  done
+done
+
+echo "wrk -t1 -c$connections, ${seconds}s runs, $rounds interleaved rounds; proxy pinned to CPU 0, backend and wrk to CPU 1"
+printf '%-6s %-7s %12s %9s %9s %14s %9s\n' round proxy requests/s p50_ms p99_ms cpu_us/request rss_kb
+for line in "${results[@]}"; do printf '%-6s %-7s %12s %9s %9s %14s %9s\n' $line; done
+avg() { awk -v t="$1" -v n="$rounds" 'BEGIN { printf "%.3f", t / n }'; }
+echo
+printf '%-8s %12s %9s %9s %14s\n' mean requests/s p50_ms p99_ms cpu_us/request
+for proxy in nginx muster; do
+  printf '%-8s %12.0f %9s %9s %14s\n' "$proxy" "$(avg "${total_rps[$proxy]}")" "$(avg "${total_p50[$proxy]}")" \
+    "$(avg "${total_p99[$proxy]}")" "$(avg "${total_cpu[$proxy]}")"
+done
+ratio() { awk -v m="$1" -v n="$2" 'BEGIN { printf "%.2f", m / n }'; }
+echo
+echo "muster / nginx: requests/s $(ratio "${total_rps[muster]}" "${total_rps[nginx]}")," \
+  "p99 $(ratio "${total_p99[muster]}" "${total_p99[nginx]}")," \
+  "CPU per request $(ratio "${total_cpu[muster]}" "${total_cpu[nginx]}")"
