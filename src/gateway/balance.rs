@@ -19,11 +19,36 @@ use crate::config::Balance;
 /// An instance as the gateway sees it.
 #[derive(Debug, Clone)]
 pub struct Backend {
-    /// `service/id`: what outlier state and turns are kept under.
+    /// `service/id` (or the SRV target): what turns are kept under.
     pub key: Arc<str>,
-    pub addr: SocketAddr,
+    /// The address as a URI authority, built once.
+    pub authority: hyper::http::uri::Authority,
     pub priority: u16,
     pub weight: u16,
+    /// Outlier state and requests in flight, shared with other routes.
+    pub stats: Arc<BackendStats>,
+}
+
+impl Backend {
+    pub fn new(
+        key: Arc<str>,
+        addr: SocketAddr,
+        priority: u16,
+        weight: u16,
+        outliers: &Outliers,
+    ) -> Self {
+        let authority = addr
+            .to_string()
+            .parse()
+            .unwrap_or_else(|_| hyper::http::uri::Authority::from_static("invalid"));
+        Self {
+            stats: outliers.stats(&key),
+            key,
+            authority,
+            priority,
+            weight,
+        }
+    }
 }
 
 /// Per-instance counters shared by every route.
@@ -37,8 +62,10 @@ pub struct BackendStats {
 }
 
 /// Passive health: instances that keep failing are left out for a while.
+/// Clones share the same state.
+#[derive(Clone)]
 pub struct Outliers {
-    stats: Mutex<HashMap<Arc<str>, Arc<BackendStats>>>,
+    stats: Arc<Mutex<HashMap<Arc<str>, Arc<BackendStats>>>>,
     epoch: Instant,
     eject_after: u32,
     eject_for: Duration,
@@ -48,7 +75,7 @@ pub struct Outliers {
 impl Outliers {
     pub fn new(eject_after: u32, eject_for: Duration, eject_max: Duration) -> Self {
         Self {
-            stats: Mutex::new(HashMap::new()),
+            stats: Arc::new(Mutex::new(HashMap::new())),
             epoch: Instant::now(),
             eject_after,
             eject_for,
@@ -131,7 +158,7 @@ impl Picker {
         let healthy: Vec<usize> = untried
             .iter()
             .copied()
-            .filter(|&i| !outliers.is_ejected(&outliers.stats(&backends[i].key), now))
+            .filter(|&i| !outliers.is_ejected(&backends[i].stats, now))
             .collect();
         // Never eject the last instance(s): if all are ejected, use them all.
         let usable = if healthy.is_empty() { untried } else { healthy };
@@ -142,7 +169,7 @@ impl Picker {
             .collect();
         match self.balance {
             Balance::RoundRobin => Some(self.weighted_round_robin(backends, &level)),
-            Balance::LeastRequest => Some(self.two_choices(backends, &level, outliers)),
+            Balance::LeastRequest => Some(self.two_choices(backends, &level)),
         }
     }
 
@@ -173,7 +200,7 @@ impl Picker {
     }
 
     /// Two instances at random; the one with fewer requests in flight.
-    fn two_choices(&self, backends: &[Backend], level: &[usize], outliers: &Outliers) -> usize {
+    fn two_choices(&self, backends: &[Backend], level: &[usize]) -> usize {
         if level.len() == 1 {
             return level[0];
         }
@@ -182,12 +209,7 @@ impl Picker {
         if a == b {
             b = level[(level.iter().position(|&i| i == a).unwrap_or(0) + 1) % level.len()];
         }
-        let load = |i: usize| {
-            outliers
-                .stats(&backends[i].key)
-                .in_flight
-                .load(Ordering::Relaxed)
-        };
+        let load = |i: usize| backends[i].stats.in_flight.load(Ordering::Relaxed);
         if load(b) < load(a) { b } else { a }
     }
 
@@ -201,13 +223,14 @@ impl Picker {
 mod tests {
     use super::*;
 
-    fn backend(key: &str, priority: u16, weight: u16) -> Backend {
-        Backend {
-            key: key.into(),
-            addr: "127.0.0.1:1".parse().unwrap(),
+    fn backend(key: &str, priority: u16, weight: u16, outliers: &Outliers) -> Backend {
+        Backend::new(
+            key.into(),
+            "127.0.0.1:1".parse().unwrap(),
             priority,
             weight,
-        }
+            outliers,
+        )
     }
 
     fn outliers() -> Outliers {
@@ -227,32 +250,41 @@ mod tests {
 
     #[test]
     fn smooth_weighted_round_robin_interleaves_by_weight() {
-        let backends = [backend("a", 0, 5), backend("b", 0, 1), backend("c", 0, 1)];
+        let outliers = outliers();
+        let backends = [
+            backend("a", 0, 5, &outliers),
+            backend("b", 0, 1, &outliers),
+            backend("c", 0, 1, &outliers),
+        ];
         let picker = Picker::new(Balance::RoundRobin);
-        let order = picks(&picker, &backends, &outliers(), 7);
+        let order = picks(&picker, &backends, &outliers, 7);
         assert_eq!(order, ["a", "a", "b", "a", "c", "a", "a"]);
     }
 
     #[test]
     fn the_lowest_priority_level_is_used_while_it_has_instances() {
-        let backends = [backend("backup", 1, 1), backend("primary", 0, 1)];
+        let outliers = outliers();
+        let backends = [
+            backend("backup", 1, 1, &outliers),
+            backend("primary", 0, 1, &outliers),
+        ];
         let picker = Picker::new(Balance::RoundRobin);
         assert!(
-            picks(&picker, &backends, &outliers(), 4)
+            picks(&picker, &backends, &outliers, 4)
                 .iter()
                 .all(|k| k == "primary")
         );
         let tried: Vec<Arc<str>> = vec!["primary".into()];
         let i = picker
-            .pick(&backends, &tried, &outliers(), Instant::now())
+            .pick(&backends, &tried, &outliers, Instant::now())
             .unwrap();
         assert_eq!(&*backends[i].key, "backup", "a retry fails over");
     }
 
     #[test]
     fn failing_instances_are_ejected_with_doubling_back_off_but_never_the_last() {
-        let backends = [backend("a", 0, 1), backend("b", 0, 1)];
         let outliers = outliers();
+        let backends = [backend("a", 0, 1, &outliers), backend("b", 0, 1, &outliers)];
         let picker = Picker::new(Balance::RoundRobin);
         let now = Instant::now();
         let a = outliers.stats(&backends[0].key);
@@ -281,12 +313,9 @@ mod tests {
 
     #[test]
     fn least_request_prefers_the_less_busy() {
-        let backends = [backend("a", 0, 1), backend("b", 0, 1)];
         let outliers = outliers();
-        outliers
-            .stats(&backends[0].key)
-            .in_flight
-            .store(10, Ordering::Relaxed);
+        let backends = [backend("a", 0, 1, &outliers), backend("b", 0, 1, &outliers)];
+        backends[0].stats.in_flight.store(10, Ordering::Relaxed);
         let picker = Picker::new(Balance::LeastRequest);
         assert!(
             picks(&picker, &backends, &outliers, 20)

@@ -21,7 +21,9 @@ use hickory_resolver::config::{NameServerConfig, ResolverConfig, ResolverOpts};
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use tracing::warn;
 
-use super::balance::Backend;
+use arc_swap::ArcSwapOption;
+
+use super::balance::{Backend, Outliers};
 use super::routes::Route;
 use crate::registry::{PortSelector, Protocol, Registry};
 
@@ -31,44 +33,76 @@ pub enum Discovery {
     Dns(Arc<DnsDiscovery>),
 }
 
+/// A route's backends as last built from the registry, and the service
+/// index they were built at.
+pub struct Built {
+    index: u64,
+    backends: Arc<[Backend]>,
+}
+
+/// Where a route keeps its last backends between requests.
+pub type BackendCache = ArcSwapOption<Built>;
+
 impl Discovery {
     /// The instances `route` may use now.
-    pub async fn backends(&self, route: &Route) -> Vec<Backend> {
+    pub async fn backends(
+        &self,
+        route: &Route,
+        cache: &BackendCache,
+        outliers: &Outliers,
+    ) -> Arc<[Backend]> {
         match self {
-            Self::Registry(registry) => from_registry(registry, route),
-            Self::Dns(dns) => dns.backends(route).await,
+            Self::Registry(registry) => from_registry(registry, route, cache, outliers),
+            Self::Dns(dns) => dns.backends(route, outliers).await,
         }
     }
 }
 
-fn from_registry(registry: &Registry, route: &Route) -> Vec<Backend> {
+/// The route's backends from the current snapshot, rebuilt only when the
+/// service has changed since they were last built.
+fn from_registry(
+    registry: &Registry,
+    route: &Route,
+    cache: &BackendCache,
+    outliers: &Outliers,
+) -> Arc<[Backend]> {
     let snapshot = registry.load();
     let Some(service) = snapshot.service(&route.service) else {
-        return Vec::new();
+        return Arc::from([]);
     };
+    if let Some(built) = cache.load().as_ref()
+        && built.index == service.index()
+    {
+        return built.backends.clone();
+    }
     let selector = match &route.port {
         Some(port) => PortSelector::Named(port, Protocol::Tcp),
         None => PortSelector::Default,
     };
-    service
+    let backends: Arc<[Backend]> = service
         .endpoints(selector, &[])
-        .map(|endpoint| Backend {
-            key: format!("{}/{}", service.name(), endpoint.instance.id).into(),
-            addr: SocketAddr::new(endpoint.instance.address, endpoint.port),
-            priority: endpoint.instance.priority,
-            weight: endpoint.instance.weight,
+        .map(|endpoint| {
+            let instance = endpoint.instance;
+            let key = format!("{}/{}", service.name(), instance.id).into();
+            let addr = SocketAddr::new(instance.address, endpoint.port);
+            Backend::new(key, addr, instance.priority, instance.weight, outliers)
         })
-        .collect()
+        .collect();
+    cache.store(Some(Arc::new(Built {
+        index: service.index(),
+        backends: backends.clone(),
+    })));
+    backends
+}
+
+/// An answer kept for reuse.
+struct Cached {
+    backends: Arc<[Backend]>,
+    valid_until: Instant,
 }
 
 /// The longest a request waits for the first lookup of a name.
 const FIRST_LOOKUP: Duration = Duration::from_secs(2);
-
-/// An answer kept for reuse.
-struct Cached {
-    backends: Vec<Backend>,
-    valid_until: Instant,
-}
 
 #[derive(Default)]
 struct Cache {
@@ -121,9 +155,9 @@ impl DnsDiscovery {
             .ok()
     }
 
-    async fn backends(self: &Arc<Self>, route: &Route) -> Vec<Backend> {
+    async fn backends(self: &Arc<Self>, route: &Route, outliers: &Outliers) -> Arc<[Backend]> {
         let Some(name) = self.srv_name(route) else {
-            return Vec::new();
+            return Arc::from([]);
         };
         let now = Instant::now();
         let (answer, refresh) = {
@@ -139,12 +173,13 @@ impl DnsDiscovery {
         if refresh {
             let discovery = self.clone();
             let name = name.clone();
-            tokio::spawn(async move { discovery.refresh(name).await });
+            let outliers = outliers.clone();
+            tokio::spawn(async move { discovery.refresh(name, &outliers).await });
         }
         if let Some(answer) = answer {
             return answer;
         }
-        match tokio::time::timeout(FIRST_LOOKUP, self.lookup(&name)).await {
+        match tokio::time::timeout(FIRST_LOOKUP, self.lookup(&name, outliers)).await {
             Ok(Ok(answer)) => {
                 let backends = answer.backends.clone();
                 self.lock().answers.insert(name, answer);
@@ -152,19 +187,19 @@ impl DnsDiscovery {
             }
             Ok(Err(error)) => {
                 warn!(name = %name, error = %error, "srv lookup failed");
-                Vec::new()
+                Arc::from([])
             }
             Err(_) => {
                 warn!(name = %name, "srv lookup timed out");
-                Vec::new()
+                Arc::from([])
             }
         }
     }
 
     /// Replaces an expired answer; a failure keeps the old one (until it
     /// is too stale to serve).
-    async fn refresh(&self, name: Name) {
-        let looked_up = self.lookup(&name).await;
+    async fn refresh(&self, name: Name, outliers: &Outliers) {
+        let looked_up = self.lookup(&name, outliers).await;
         let mut cache = self.lock();
         cache.refreshing.remove(&name);
         match looked_up {
@@ -183,13 +218,13 @@ impl DnsDiscovery {
 
     /// The SRV records of `name` with their targets' addresses (from the
     /// additional section, else looked up).
-    async fn lookup(&self, name: &Name) -> Result<Cached, String> {
+    async fn lookup(&self, name: &Name, outliers: &Outliers) -> Result<Cached, String> {
         let lookup = match self.resolver.lookup(name.clone(), RecordType::SRV).await {
             Ok(lookup) => lookup,
             // A name with no instances is an answer, not an outage.
             Err(error) if error.is_no_records_found() => {
                 return Ok(Cached {
-                    backends: Vec::new(),
+                    backends: Arc::from([]),
                     valid_until: Instant::now() + Duration::from_secs(1),
                 });
             }
@@ -218,16 +253,13 @@ impl DnsDiscovery {
                     .and_then(|ips| ips.iter().next()),
             };
             if let Some(address) = address {
-                backends.push(Backend {
-                    key: srv.target.to_string().into(),
-                    addr: SocketAddr::new(address, srv.port),
-                    priority: srv.priority,
-                    weight: srv.weight,
-                });
+                let key = srv.target.to_string().into();
+                let addr = SocketAddr::new(address, srv.port);
+                backends.push(Backend::new(key, addr, srv.priority, srv.weight, outliers));
             }
         }
         Ok(Cached {
-            backends,
+            backends: backends.into(),
             valid_until: lookup.valid_until(),
         })
     }

@@ -63,26 +63,55 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     }
 }
 
+/// A client connection's address, with the header values it yields
+/// worked out once per connection rather than per request.
+pub struct Peer {
+    pub ip: IpAddr,
+    /// The address as `X-Forwarded-For` carries it.
+    address: HeaderValue,
+    /// `for=…;proto=http`, the start of its `Forwarded` element.
+    forwarded: String,
+}
+
+impl Peer {
+    pub fn new(ip: IpAddr) -> Self {
+        let node = match ip {
+            IpAddr::V4(v4) => v4.to_string(),
+            IpAddr::V6(v6) => format!("\"[{v6}]\""),
+        };
+        let address =
+            HeaderValue::from_str(&ip.to_string()).unwrap_or(HeaderValue::from_static("unknown"));
+        Self {
+            ip,
+            address,
+            forwarded: format!("for={node};proto=http"),
+        }
+    }
+}
+
 /// Sets `X-Forwarded-For/Proto/Host` and `Forwarded` for a request from
 /// `peer`. A trusted peer's own values are extended; anyone else's are
 /// replaced, so clients cannot spoof their address.
 pub fn set_forwarded(
     headers: &mut HeaderMap,
-    peer: IpAddr,
+    peer: &Peer,
     trusted: bool,
     host: Option<&HeaderValue>,
 ) {
-    let proto = "http";
-    let client = match peer {
-        IpAddr::V4(v4) => v4.to_string(),
-        IpAddr::V6(v6) => format!("\"[{v6}]\""),
+    let element = match host.and_then(|h| h.to_str().ok()) {
+        Some(host) => format!("{};host=\"{host}\"", peer.forwarded),
+        None => peer.forwarded.clone(),
     };
-    let mut element = format!("for={client};proto={proto}");
-    if let Some(host) = host.and_then(|h| h.to_str().ok()) {
-        element.push_str(&format!(";host=\"{host}\""));
+    if trusted {
+        let address = peer.address.to_str().unwrap_or("unknown");
+        extend(headers, X_FORWARDED_FOR, address);
+        extend(headers, FORWARDED, &element);
+    } else {
+        headers.insert(X_FORWARDED_FOR, peer.address.clone());
+        if let Ok(element) = HeaderValue::from_str(&element) {
+            headers.insert(FORWARDED, element);
+        }
     }
-    append_or_replace(headers, X_FORWARDED_FOR, &peer.to_string(), trusted);
-    append_or_replace(headers, FORWARDED, &element, trusted);
     if !(trusted && headers.contains_key(X_FORWARDED_PROTO)) {
         headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
     }
@@ -98,18 +127,12 @@ pub fn set_forwarded(
     }
 }
 
-fn append_or_replace(headers: &mut HeaderMap, name: HeaderName, value: &str, trusted: bool) {
-    let previous: Vec<&str> = if trusted {
-        headers
-            .get_all(&name)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .collect()
-    } else {
-        Vec::new()
-    };
-    let joined = previous
-        .into_iter()
+/// Appends `value` to a trusted peer's chain in `name`.
+fn extend(headers: &mut HeaderMap, name: HeaderName, value: &str) {
+    let joined = headers
+        .get_all(&name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
         .chain(std::iter::once(value))
         .collect::<Vec<_>>()
         .join(", ");
@@ -247,7 +270,12 @@ mod tests {
         ];
         let host = HeaderValue::from_static("api.example.com");
         let mut h = headers(&spoofed);
-        set_forwarded(&mut h, "10.0.0.9".parse().unwrap(), false, Some(&host));
+        set_forwarded(
+            &mut h,
+            &Peer::new("10.0.0.9".parse().unwrap()),
+            false,
+            Some(&host),
+        );
         assert_eq!(h["x-forwarded-for"], "10.0.0.9");
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-host"], "api.example.com");
@@ -256,7 +284,12 @@ mod tests {
             "for=10.0.0.9;proto=http;host=\"api.example.com\""
         );
         let mut h = headers(&spoofed);
-        set_forwarded(&mut h, "::1".parse().unwrap(), true, Some(&host));
+        set_forwarded(
+            &mut h,
+            &Peer::new("::1".parse().unwrap()),
+            true,
+            Some(&host),
+        );
         assert_eq!(h["x-forwarded-for"], "6.6.6.6, ::1");
         assert_eq!(h["x-forwarded-proto"], "https");
         assert!(

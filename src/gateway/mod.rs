@@ -39,8 +39,8 @@ use crate::config::{Config, GatewayConfig, UpstreamProtocol};
 use crate::registry::Registry;
 use crate::telemetry::{Metrics, UpstreamError};
 use balance::{Backend, Outliers, Picker};
-use discovery::{Discovery, DnsDiscovery};
-use headers::Ids;
+use discovery::{BackendCache, Discovery, DnsDiscovery};
+use headers::{Ids, Peer};
 use proxy::Body;
 use routes::{Route, RouteTable};
 
@@ -59,10 +59,11 @@ pub struct GatewayError {
     message: String,
 }
 
-/// A route's connection pool and balancing state.
+/// A route's connection pool, balancing state and last backends.
 struct Upstream {
     picker: Picker,
     client: Client<HttpConnector, Body>,
+    backends: BackendCache,
 }
 
 /// Everything a reload replaces: routes, their upstream state, and who is
@@ -86,6 +87,7 @@ impl Policy {
             .map(|route| Upstream {
                 picker: Picker::new(route.balance),
                 client: client(route, config.upstream_idle_timeout),
+                backends: BackendCache::empty(),
             })
             .collect();
         Ok(Self {
@@ -163,8 +165,10 @@ impl Gateway {
     }
 
     /// The instances a route may use now.
-    async fn backends(&self, route: &Route) -> Vec<Backend> {
-        self.discovery.backends(route).await
+    async fn backends(&self, route: &Route, upstream: &Upstream) -> Arc<[Backend]> {
+        self.discovery
+            .backends(route, &upstream.backends, &self.outliers)
+            .await
     }
 
     fn count_error(&self, route: &Route, kind: &'static str) {
@@ -210,8 +214,9 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let gateway = gateway.clone();
+        let peer = Arc::new(Peer::new(peer.ip()));
         let service = service_fn(move |request| {
-            let gateway = gateway.clone();
+            let (gateway, peer) = (gateway.clone(), peer.clone());
             async move { Ok::<_, Infallible>(proxy::handle(gateway, peer, request).await) }
         });
         let connection = builder

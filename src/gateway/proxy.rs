@@ -2,7 +2,6 @@
 //! and answer; every failure becomes a small JSON error with the request
 //! id, and every request ends in one access-log event and its metrics.
 
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -18,7 +17,7 @@ use tokio::time::Instant;
 use tracing::{debug, info};
 
 use super::balance::Backend;
-use super::headers::{REQUEST_ID, TRACEPARENT, set_forwarded, strip_hop_by_hop};
+use super::headers::{Peer, REQUEST_ID, TRACEPARENT, set_forwarded, strip_hop_by_hop};
 use super::{Gateway, Policy};
 use crate::config::UpstreamProtocol;
 use crate::telemetry::{RouteLabel, RouteStatus};
@@ -143,7 +142,7 @@ impl Drop for Observed {
 /// Serves one request from `peer`.
 pub async fn handle(
     gateway: Arc<Gateway>,
-    peer: SocketAddr,
+    peer: Arc<Peer>,
     request: Request<Incoming>,
 ) -> Response<Body> {
     let started = Instant::now();
@@ -173,7 +172,7 @@ pub async fn handle(
     };
     completion.route = route.name.clone();
     completion.service = route.service.clone();
-    let outcome = forward(&gateway, &policy, index, peer, request_id, request).await;
+    let outcome = forward(&gateway, &policy, index, &peer, request_id, request).await;
     match outcome {
         Ok((response, instance)) => {
             completion.instance = Some(instance);
@@ -229,7 +228,7 @@ async fn forward(
     gateway: &Gateway,
     policy: &Policy,
     index: usize,
-    peer: SocketAddr,
+    peer: &Peer,
     request_id: HeaderValue,
     mut request: Request<Incoming>,
 ) -> Forwarded {
@@ -250,8 +249,8 @@ async fn forward(
     strip_hop_by_hop(&mut parts.headers, upgrade);
     set_forwarded(
         &mut parts.headers,
-        peer.ip(),
-        policy.trusts(peer.ip()),
+        peer,
+        policy.trusts(peer.ip),
         original_host.as_ref(),
     );
     parts.headers.insert(REQUEST_ID, request_id.clone());
@@ -266,7 +265,7 @@ async fn forward(
     let mut tried: Vec<Arc<str>> = Vec::new();
     let mut last: Option<(Failure, Arc<str>)> = None;
     for _ in 0..attempts {
-        let backends = gateway.backends(route).await;
+        let backends = gateway.backends(route, upstream).await;
         if backends.is_empty() {
             let message = format!("no healthy instance of service {:?}", route.service);
             return Err((Failure::new(StatusCode::SERVICE_UNAVAILABLE, message), None));
@@ -288,7 +287,7 @@ async fn forward(
             let failure = Failure::new(StatusCode::BAD_GATEWAY, "cannot address the upstream");
             return Err((failure, Some(backend.key.clone())));
         };
-        let stats = gateway.outliers.stats(&backend.key);
+        let stats = &backend.stats;
         stats
             .in_flight
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -299,7 +298,7 @@ async fn forward(
         let now = Instant::now();
         match sent {
             Err(_) => {
-                gateway.outliers.record(&stats, false, now);
+                gateway.outliers.record(stats, false, now);
                 gateway.count_error(route, "timeout");
                 let failure = Failure::new(
                     StatusCode::GATEWAY_TIMEOUT,
@@ -308,7 +307,7 @@ async fn forward(
                 return Err((failure, Some(backend.key.clone())));
             }
             Ok(Err(error)) => {
-                gateway.outliers.record(&stats, false, now);
+                gateway.outliers.record(stats, false, now);
                 let connect = error.is_connect();
                 gateway.count_error(route, if connect { "connect" } else { "reset" });
                 debug!(route = %route.name, instance = %backend.key, error = %error, "upstream attempt failed");
@@ -323,7 +322,7 @@ async fn forward(
             }
             Ok(Ok(mut response)) => {
                 let success = !response.status().is_server_error();
-                gateway.outliers.record(&stats, success, now);
+                gateway.outliers.record(stats, success, now);
                 if !success {
                     gateway.count_error(route, "status_5xx");
                 }
@@ -356,7 +355,11 @@ fn build_request(
     protocol: UpstreamProtocol,
     body: Body,
 ) -> Option<Request<Body>> {
-    let uri: Uri = format!("http://{}{}", backend.addr, path).parse().ok()?;
+    let mut uri = hyper::http::uri::Parts::default();
+    uri.scheme = Some(hyper::http::uri::Scheme::HTTP);
+    uri.authority = Some(backend.authority.clone());
+    uri.path_and_query = Some(path.parse().ok()?);
+    let uri = Uri::from_parts(uri).ok()?;
     let mut request = Request::new(body);
     *request.method_mut() = parts.method.clone();
     *request.uri_mut() = uri;
