@@ -40,6 +40,8 @@ async fn authority(services: usize) -> Authority {
             origin: Name::from_ascii("svc.internal.").unwrap(),
             ttl: 5,
             negative_ttl: 5,
+            max_answers: 0,
+            reverse: false,
         },
     )
 }

@@ -42,6 +42,11 @@ pub struct DnsConfig {
     pub tcp_idle_timeout: Duration,
     /// Hand out only passing instances; by default warning ones serve too.
     pub only_passing: bool,
+    /// Most A, AAAA or SRV records in one answer, after rotation; 0: no cap.
+    pub max_answers: usize,
+    /// Answer PTR queries for registered addresses under `in-addr.arpa.`
+    /// and `ip6.arpa.`.
+    pub reverse: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -200,6 +205,8 @@ impl Default for DnsConfig {
             negative_ttl: Duration::from_secs(5),
             tcp_idle_timeout: Duration::from_secs(10),
             only_passing: false,
+            max_answers: 0,
+            reverse: false,
         }
     }
 }
@@ -435,6 +442,8 @@ mod tests {
             negative_ttl = "1m"
             tcp_idle_timeout = "500ms"
             only_passing = true
+            max_answers = 3
+            reverse = true
             [api]
             listen = "127.0.0.1:9500"
             [gateway]
@@ -453,6 +462,8 @@ mod tests {
         assert_eq!(config.zone_fqdn(), "example.internal.");
         assert!(!config.gateway.enabled);
         assert!(config.dns.only_passing);
+        assert_eq!(config.dns.max_answers, 3);
+        assert!(config.dns.reverse);
         assert_eq!(config.store, StoreKind::Memory);
         assert_eq!(config.log.format, LogFormat::Json);
     }

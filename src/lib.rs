@@ -173,6 +173,8 @@ fn authority(
             origin,
             ttl: ttl_seconds(dns.ttl),
             negative_ttl: ttl_seconds(dns.negative_ttl),
+            max_answers: dns.max_answers,
+            reverse: dns.reverse,
         },
     ))
 }

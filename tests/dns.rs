@@ -594,3 +594,156 @@ async fn zones_reload_while_serving_and_a_bad_reload_keeps_the_old_zones() {
     );
     muster.stop().await;
 }
+
+#[tokio::test]
+async fn updates_notifies_and_zone_transfers_are_refused() {
+    let muster = start().await;
+    for op_code in [OpCode::Update, OpCode::Notify] {
+        let mut message = query("svc.internal.", RecordType::SOA, None);
+        message.metadata.op_code = op_code;
+        let reply = query_udp(muster.dns, &message).await;
+        assert_eq!(
+            reply.metadata.response_code,
+            ResponseCode::Refused,
+            "{op_code:?}"
+        );
+    }
+    for rtype in [RecordType::AXFR, RecordType::IXFR] {
+        let reply = query_tcp(muster.dns, &query("svc.internal.", rtype, None)).await;
+        assert_eq!(
+            reply.metadata.response_code,
+            ResponseCode::Refused,
+            "{rtype:?}"
+        );
+    }
+    muster.stop().await;
+}
+
+#[tokio::test]
+async fn any_gets_one_hinfo_record_per_rfc_8482() {
+    let muster = start().await;
+    payment_service(&muster).await;
+    for name in [
+        "payment.svc.internal.",
+        "gateway.svc.internal.",
+        "svc.internal.",
+    ] {
+        let reply = muster.udp(name, RecordType::ANY).await;
+        assert_eq!(
+            reply.metadata.response_code,
+            ResponseCode::NoError,
+            "{name}"
+        );
+        assert_eq!(reply.answers.len(), 1, "{name}: {:?}", reply.answers);
+        assert!(matches!(&reply.answers[0].data, RData::HINFO(h) if &h.cpu[..] == b"RFC8482"));
+        assert!(reply.additionals.is_empty());
+    }
+    let missing = muster.udp("missing.svc.internal.", RecordType::ANY).await;
+    assert_negative(&missing, ResponseCode::NXDomain);
+    muster.stop().await;
+}
+
+#[tokio::test]
+async fn max_answers_caps_each_answer_after_rotation() {
+    let mut config = support::test_config();
+    config.dns.max_answers = 2;
+    let muster = support::start_with(config).await;
+    for i in 1..=5u8 {
+        let body = json!({"address": format!("10.7.0.{i}"), "port": 80, "ports": {"http": 80}});
+        muster.register_ok("capped", &format!("c-{i}"), body).await;
+    }
+    let mut seen = BTreeSet::new();
+    for _ in 0..5 {
+        let a = muster.udp("capped.svc.internal.", RecordType::A).await;
+        assert_eq!(a.answers.len(), 2);
+        seen.extend(addresses(&a));
+        let srv_reply = muster
+            .udp("_http._tcp.capped.svc.internal.", RecordType::SRV)
+            .await;
+        assert_eq!(srv(&srv_reply).len(), 2);
+        assert_eq!(
+            srv_reply.additionals.len(),
+            2,
+            "glue only for the records sent"
+        );
+    }
+    assert_eq!(
+        seen.len(),
+        5,
+        "rotation still gives every instance its turn"
+    );
+    muster.stop().await;
+}
+
+#[tokio::test]
+async fn reverse_lookups_name_the_instances_at_an_address() {
+    let mut config = support::test_config();
+    config.dns.reverse = true;
+    let muster = support::start_with(config).await;
+    muster
+        .register_ok("web", "w-1", instance("10.8.1.2", 80))
+        .await;
+    muster
+        .register_ok("api", "a-1", instance("10.8.1.2", 81))
+        .await;
+    muster
+        .register_ok("db", "d-1", instance("fd00::1:2", 5432))
+        .await;
+    let ptrs = |m: &Message| -> BTreeSet<String> {
+        m.answers
+            .iter()
+            .filter_map(|r| match &r.data {
+                RData::PTR(p) => Some(p.0.to_string()),
+                _ => None,
+            })
+            .collect()
+    };
+    let v4 = muster.udp("2.1.8.10.in-addr.arpa.", RecordType::PTR).await;
+    assert_authoritative(&v4);
+    assert_eq!(
+        ptrs(&v4),
+        [
+            "a-1.api.svc.internal.".to_string(),
+            "w-1.web.svc.internal.".to_string()
+        ]
+        .into()
+    );
+    let v6_name = "2.0.0.0.1.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.d.f.ip6.arpa.";
+    let v6 = muster.tcp(v6_name, RecordType::PTR).await;
+    assert_eq!(ptrs(&v6), ["d-1.db.svc.internal.".to_string()].into());
+    let partial = muster.udp("8.10.in-addr.arpa.", RecordType::PTR).await;
+    assert_eq!(
+        (partial.metadata.response_code, partial.answers.len()),
+        (ResponseCode::NoError, 0),
+        "a node above addresses is NODATA"
+    );
+    let unknown = muster.udp("9.9.9.10.in-addr.arpa.", RecordType::PTR).await;
+    assert_eq!(unknown.metadata.response_code, ResponseCode::NXDomain);
+    // A drained instance is not named.
+    let drained = muster
+        .http
+        .put(muster.url("/v1/services/web/instances/w-1/maintenance"))
+        .json(&json!({"enabled": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(drained.status(), 200);
+    let after = muster.udp("2.1.8.10.in-addr.arpa.", RecordType::PTR).await;
+    assert_eq!(ptrs(&after), ["a-1.api.svc.internal.".to_string()].into());
+    muster.deregister("api", "a-1").await;
+    muster.deregister("web", "w-1").await;
+    let gone = muster.udp("2.1.8.10.in-addr.arpa.", RecordType::PTR).await;
+    assert_eq!(gone.metadata.response_code, ResponseCode::NXDomain);
+    muster.stop().await;
+}
+
+#[tokio::test]
+async fn reverse_zones_are_refused_unless_enabled() {
+    let muster = start().await;
+    muster
+        .register_ok("web", "w-1", instance("10.8.1.2", 80))
+        .await;
+    let reply = muster.udp("2.1.8.10.in-addr.arpa.", RecordType::PTR).await;
+    assert_eq!(reply.metadata.response_code, ResponseCode::Refused);
+    muster.stop().await;
+}

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use arc_swap::ArcSwap;
 
 use hickory_proto::op::{LowerQuery, ResponseCode};
-use hickory_proto::rr::rdata::{A, AAAA, SRV};
+use hickory_proto::rr::rdata::{A, AAAA, HINFO, PTR, SRV};
 use hickory_proto::rr::{DNSClass, LowerName, Name, RData, Record, RecordType};
 
 use super::names::{RegistryName, classify};
@@ -47,7 +47,7 @@ struct Found {
     additionals: Vec<Record>,
 }
 
-/// How registry records are named and timed.
+/// How registry records are named, timed and bounded.
 #[derive(Debug, Clone)]
 pub struct RegistryZone {
     /// The zone registry names live under, e.g. `svc.internal.`.
@@ -56,7 +56,14 @@ pub struct RegistryZone {
     pub ttl: u32,
     /// SOA minimum of the registry zone, seconds.
     pub negative_ttl: u32,
+    /// Most A/AAAA/SRV records per answer, after rotation; 0: no cap.
+    pub max_answers: usize,
+    /// Serve PTR records for registered addresses.
+    pub reverse: bool,
 }
+
+/// The reverse zones muster answers in when `reverse` is on.
+const REVERSE_ZONES: [&str; 2] = ["in-addr.arpa.", "ip6.arpa."];
 
 /// The authoritative data muster serves: the registry overlaid on the
 /// static zones.
@@ -68,6 +75,10 @@ pub struct Authority {
     lower_origin: LowerName,
     ttl: u32,
     negative_ttl: u32,
+    max_answers: usize,
+    /// The reverse zones' origins (and whether each is IPv4's), when PTR
+    /// records are served.
+    reverse: Vec<(LowerName, bool)>,
     /// Advances on every answer so clients see the records rotate.
     rotation: AtomicUsize,
 }
@@ -83,6 +94,21 @@ impl Authority {
             origin: zone.origin,
             ttl: zone.ttl,
             negative_ttl: zone.negative_ttl,
+            max_answers: zone.max_answers,
+            reverse: if zone.reverse {
+                REVERSE_ZONES
+                    .iter()
+                    .filter_map(|z| Name::from_ascii(z).ok())
+                    .map(|z| {
+                        (
+                            LowerName::new(&z),
+                            z.num_labels() == 2 && z.iter().next() == Some(b"in-addr"),
+                        )
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            },
             rotation: AtomicUsize::new(0),
         };
         authority.replace_zones(zones);
@@ -96,10 +122,20 @@ impl Authority {
             Some(existing) => existing.set_negative_ttl(self.negative_ttl),
             None => zones.insert(StaticZone::synthesized(&self.origin, self.negative_ttl)),
         }
+        for (reverse, _) in &self.reverse {
+            if zones.get(reverse).is_none() {
+                zones.insert(StaticZone::synthesized(
+                    &Name::from(reverse),
+                    self.negative_ttl,
+                ));
+            }
+        }
         self.zones.store(Arc::new(zones));
     }
 
-    /// Answers `query` as an authoritative server.
+    /// Answers `query` as an authoritative server. `ANY` gets one
+    /// synthesized HINFO record for a name that exists (RFC 8482), so it
+    /// cannot be used to amplify.
     pub fn answer(&self, query: &LowerQuery) -> Answer {
         if query.query_class() != DNSClass::IN {
             return Answer::error(ResponseCode::Refused);
@@ -109,15 +145,72 @@ impl Authority {
         let Some(zone) = zones.find(name) else {
             return Answer::error(ResponseCode::Refused);
         };
+        let rtype = query.query_type();
         let found = if zone.origin() == &self.lower_origin {
-            self.registry_records(name, query.query_type())
+            self.registry_records(name, rtype)
+        } else if let Some((origin, ipv4)) = self.reverse.iter().find(|(o, _)| o == zone.origin()) {
+            self.reverse_records(origin, *ipv4, name, rtype)
         } else {
             None
         };
-        match found {
+        let answer = match found {
             Some(found) => positive(zone, found),
-            None => static_records(zone, name, query.query_type()),
+            None => static_records(zone, name, rtype),
+        };
+        if rtype == RecordType::ANY && answer.rcode == ResponseCode::NoError {
+            return self.any_answer(name);
         }
+        answer
+    }
+
+    /// RFC 8482's answer to ANY: "the name exists", and nothing to amplify.
+    fn any_answer(&self, name: &LowerName) -> Answer {
+        let hinfo = RData::HINFO(HINFO::new("RFC8482".into(), String::new()));
+        Answer {
+            rcode: ResponseCode::NoError,
+            authoritative: true,
+            answers: vec![Record::from_rdata(Name::from(name), self.ttl, hinfo)],
+            authorities: Vec::new(),
+            additionals: Vec::new(),
+        }
+    }
+
+    /// PTR records for a registered address: `<instance>.<service>.Z.` of
+    /// each serving instance there. A partial reverse name is NODATA, an
+    /// address nobody registered `None` (NXDOMAIN from the zone).
+    fn reverse_records(
+        &self,
+        origin: &LowerName,
+        ipv4: bool,
+        name: &LowerName,
+        rtype: RecordType,
+    ) -> Option<Found> {
+        let relative = usize::from(name.num_labels() - origin.num_labels());
+        let labels: Vec<&[u8]> = name.iter().take(relative).collect();
+        let address = match reverse_address(ipv4, &labels) {
+            ReverseName::Address(address) => address,
+            ReverseName::Partial => return Some(Found::default()),
+            ReverseName::Invalid => return None,
+        };
+        let snapshot = self.registry.load();
+        let registered = snapshot.instances_at(&address);
+        if registered.is_empty() {
+            return None;
+        }
+        if !matches!(rtype, RecordType::PTR | RecordType::ANY) {
+            return Some(Found::default());
+        }
+        let owner = Name::from(name);
+        let answers = registered
+            .iter()
+            .filter(|i| snapshot.serves(i))
+            .filter_map(|i| self.target(i))
+            .map(|target| Record::from_rdata(owner.clone(), self.ttl, RData::PTR(PTR(target))))
+            .collect();
+        Some(Found {
+            answers,
+            additionals: Vec::new(),
+        })
     }
 
     /// `None` when the registry does not know the name.
@@ -224,6 +317,7 @@ impl Authority {
         wanted.sort_unstable();
         wanted.dedup();
         self.rotate(&mut wanted);
+        self.cap(&mut wanted);
         wanted
             .into_iter()
             .map(|ip| address_record(owner.clone(), ip, self.ttl))
@@ -235,6 +329,7 @@ impl Authority {
     fn srv<'a>(&self, owner: &Name, endpoints: impl Iterator<Item = Endpoint<'a>>) -> Found {
         let mut endpoints: Vec<Endpoint<'a>> = endpoints.collect();
         self.rotate(&mut endpoints);
+        self.cap(&mut endpoints);
         let mut found = Found::default();
         for endpoint in endpoints {
             let Some(target) = self.target(endpoint.instance) else {
@@ -264,10 +359,58 @@ impl Authority {
             .ok()
     }
 
+    /// Keeps at most `max_answers` (after rotation, so every instance
+    /// still gets its turn).
+    fn cap<T>(&self, items: &mut Vec<T>) {
+        if self.max_answers > 0 {
+            items.truncate(self.max_answers);
+        }
+    }
+
     fn rotate<T>(&self, items: &mut [T]) {
         if items.len() > 1 {
             let turn = self.rotation.fetch_add(1, Ordering::Relaxed);
             items.rotate_left(turn % items.len());
+        }
+    }
+}
+
+enum ReverseName {
+    Address(IpAddr),
+    /// Fewer labels than an address: a node above registered addresses.
+    Partial,
+    Invalid,
+}
+
+/// The address a reverse name stands for (`4.3.2.1.in-addr.arpa.` is
+/// 1.2.3.4; `ip6.arpa.` names have 32 nibbles, lowest first).
+fn reverse_address(ipv4: bool, labels: &[&[u8]]) -> ReverseName {
+    let (full, parse): (usize, fn(&[u8]) -> Option<u8>) = if ipv4 {
+        (4, |l| std::str::from_utf8(l).ok()?.parse().ok())
+    } else {
+        (32, |l| match l {
+            [c] => (*c as char).to_digit(16).map(|d| d as u8),
+            _ => None,
+        })
+    };
+    let Some(parts) = labels
+        .iter()
+        .rev()
+        .map(|l| parse(l))
+        .collect::<Option<Vec<u8>>>()
+    else {
+        return ReverseName::Invalid;
+    };
+    match parts.len() {
+        n if n < full => ReverseName::Partial,
+        n if n > full => ReverseName::Invalid,
+        _ if ipv4 => ReverseName::Address(IpAddr::from([parts[0], parts[1], parts[2], parts[3]])),
+        _ => {
+            let mut octets = [0u8; 16];
+            for (i, pair) in parts.chunks(2).enumerate() {
+                octets[i] = (pair[0] << 4) | pair[1];
+            }
+            ReverseName::Address(IpAddr::from(octets))
         }
     }
 }

@@ -8,6 +8,7 @@ use hickory_proto::ProtoError;
 use hickory_proto::op::{
     Edns, EmitAndCount, Header, MessageType, Metadata, OpCode, ResponseCode, emit_message_parts,
 };
+use hickory_proto::rr::RecordType;
 use hickory_proto::serialize::binary::{BinDecodable, BinDecoder, BinEncoder};
 use hickory_server::net::xfer::Protocol;
 use hickory_server::server::Request;
@@ -41,14 +42,22 @@ pub fn respond(
 }
 
 /// Checks what the question itself cannot carry, then answers it.
+/// Dynamic updates and notifies are refused (the registry changes only
+/// through its API), zone transfers too; other opcodes are not
+/// implemented.
 pub fn answer_request(authority: &Authority, request: &MessageRequest) -> Answer {
-    if request.metadata.op_code != OpCode::Query {
-        return Answer::error(ResponseCode::NotImp);
+    match request.metadata.op_code {
+        OpCode::Query => {}
+        OpCode::Update | OpCode::Notify => return Answer::error(ResponseCode::Refused),
+        _ => return Answer::error(ResponseCode::NotImp),
     }
     if request.edns.as_ref().is_some_and(|e| e.version() > 0) {
         return Answer::error(ResponseCode::BADVERS);
     }
     match request.queries.queries() {
+        [query] if matches!(query.query_type(), RecordType::AXFR | RecordType::IXFR) => {
+            Answer::error(ResponseCode::Refused)
+        }
         [query] => authority.answer(query),
         _ => Answer::error(ResponseCode::FormErr),
     }

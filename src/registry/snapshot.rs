@@ -3,6 +3,7 @@
 //! replaced. Services sit in a persistent hash map so publishing a change
 //! to one service copies that service, not the registry.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use super::model::{Instance, Protocol};
@@ -141,6 +142,8 @@ impl Service {
 pub struct Snapshot {
     version: u64,
     services: imbl::HashMap<Arc<str>, Arc<Service>>,
+    /// Every instance by address, for reverse (PTR) lookups.
+    by_address: imbl::HashMap<IpAddr, Vec<Arc<Instance>>>,
     instance_count: usize,
     only_passing: bool,
 }
@@ -155,12 +158,18 @@ impl Snapshot {
     ) -> Self {
         let mut by_service: std::collections::HashMap<String, Vec<Arc<Instance>>> =
             std::collections::HashMap::new();
+        let mut by_address: imbl::HashMap<IpAddr, Vec<Arc<Instance>>> = imbl::HashMap::new();
         let instance_count = instances.len();
         for instance in instances {
+            let instance = Arc::new(instance);
+            by_address
+                .entry(instance.address)
+                .or_default()
+                .push(instance.clone());
             by_service
                 .entry(instance.service.clone())
                 .or_default()
-                .push(Arc::new(instance));
+                .push(instance);
         }
         let services = by_service
             .into_iter()
@@ -179,8 +188,40 @@ impl Snapshot {
         Self {
             version,
             services,
+            by_address,
             instance_count,
             only_passing,
+        }
+    }
+
+    /// The instances registered at `address`.
+    pub fn instances_at(&self, address: &IpAddr) -> &[Arc<Instance>] {
+        self.by_address.get(address).map_or(&[], Vec::as_slice)
+    }
+
+    /// Whether DNS and the gateway hand out `instance`.
+    pub fn serves(&self, instance: &Instance) -> bool {
+        instance.is_serving(self.only_passing)
+    }
+
+    fn index_address(&mut self, instance: &Arc<Instance>) {
+        self.by_address
+            .entry(instance.address)
+            .or_default()
+            .push(instance.clone());
+    }
+
+    fn unindex_address(&mut self, instance: &Instance) {
+        let address = instance.address;
+        let emptied = match self.by_address.get_mut(&address) {
+            Some(list) => {
+                list.retain(|i| !(i.service == instance.service && i.id == instance.id));
+                list.is_empty()
+            }
+            None => false,
+        };
+        if emptied {
+            self.by_address.remove(&address);
         }
     }
 
@@ -215,6 +256,10 @@ impl Snapshot {
         let version = self.version + 1;
         let mut next = self.clone();
         next.version = version;
+        if let Some(old) = self.instance(&instance.service, &instance.id) {
+            next.unindex_address(old);
+        }
+        next.index_address(&instance);
         let service = match self.services.get(instance.service.as_str()) {
             Some(existing) => {
                 if existing.instance(&instance.id).is_none() {
@@ -251,6 +296,7 @@ impl Snapshot {
         let mut next = self.clone();
         next.version = version;
         next.instance_count -= 1;
+        next.unindex_address(&removed);
         if existing.instances.len() == 1 {
             next.services.remove(service);
         } else {
