@@ -384,8 +384,11 @@ enum ReverseName {
 
 /// The address a reverse name stands for (`4.3.2.1.in-addr.arpa.` is
 /// 1.2.3.4; `ip6.arpa.` names have 32 nibbles, lowest first).
+/// Reads one label of a reverse name.
+type LabelParser = fn(&[u8]) -> Option<u8>;
+
 fn reverse_address(ipv4: bool, labels: &[&[u8]]) -> ReverseName {
-    let (full, parse): (usize, fn(&[u8]) -> Option<u8>) = if ipv4 {
+    let (full, parse): (usize, LabelParser) = if ipv4 {
         (4, |l| std::str::from_utf8(l).ok()?.parse().ok())
     } else {
         (32, |l| match l {
