@@ -96,7 +96,7 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
     let mut tasks = JoinSet::new();
     let (health, checker) = registry::health::spawn(registry.clone(), shutdown.clone());
     tasks.spawn(async move { checker.await.map_err(io::Error::other) });
-    let dns_addrs = start_dns(dns, authority, &shutdown, &mut tasks).await?;
+    let dns_addrs = start_dns(dns, authority, metrics.clone(), &shutdown, &mut tasks).await?;
     let api_addr = start_api(api, &registry, health, metrics, &shutdown, &mut tasks).await?;
     let gateway_addr = match gateway.enabled {
         true => Some(start_gateway(gateway.listen, front_door, &shutdown, &mut tasks).await?),
@@ -182,6 +182,7 @@ fn authority(
 async fn start_dns(
     dns: &DnsConfig,
     authority: Arc<Authority>,
+    metrics: Arc<Metrics>,
     shutdown: &CancellationToken,
     tasks: &mut JoinSet<io::Result<()>>,
 ) -> Result<Vec<SocketAddr>, StartError> {
@@ -197,6 +198,7 @@ async fn start_dns(
     tasks.spawn(dns::serve(
         listeners,
         authority,
+        metrics,
         dns.tcp_idle_timeout,
         shutdown.clone(),
     ));

@@ -4,7 +4,11 @@
 
 use std::io::IsTerminal;
 
+use hickory_proto::op::ResponseCode;
+use hickory_proto::rr::RecordType;
 use prometheus_client::encoding::EncodeLabelSet;
+
+pub use crate::dns::Outcome as DnsOutcome;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
@@ -58,6 +62,19 @@ pub struct Metrics {
     pub gateway_duration: Family<RouteLabel, Histogram, fn() -> Histogram>,
     /// Upstream attempts that failed, by route and kind.
     pub gateway_upstream_errors: Family<UpstreamError, Counter>,
+    /// DNS queries answered, by transport, question type and rcode.
+    pub dns_queries: Family<DnsQuery, Counter>,
+    /// UDP answers that did not fit and were sent with TC set.
+    pub dns_truncated: Counter,
+    /// Time from a query's arrival to its answer being handed to the socket.
+    pub dns_duration: Histogram,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DnsQuery {
+    pub transport: &'static str,
+    pub qtype: &'static str,
+    pub rcode: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -90,6 +107,10 @@ impl Default for Metrics {
         let gateway_duration: Family<RouteLabel, Histogram, fn() -> Histogram> =
             Family::new_with_constructor(latency_histogram);
         let gateway_upstream_errors = Family::default();
+        let dns_queries = Family::default();
+        let dns_truncated = Counter::default();
+        // 1 µs to about 16 ms, doubling.
+        let dns_duration = Histogram::new(exponential_buckets(0.000_001, 2.0, 15));
         registry.register(
             "gateway_requests",
             "Requests through the gateway, by route and status",
@@ -105,16 +126,54 @@ impl Default for Metrics {
             "Failed upstream attempts, by route and kind",
             gateway_upstream_errors.clone(),
         );
+        registry.register(
+            "dns_queries",
+            "DNS queries answered, by transport, question type and rcode",
+            dns_queries.clone(),
+        );
+        registry.register(
+            "dns_truncated",
+            "UDP answers sent truncated (TC) for the client to retry over TCP",
+            dns_truncated.clone(),
+        );
+        registry.register(
+            "dns_query_duration_seconds",
+            "Time to answer a DNS query",
+            dns_duration.clone(),
+        );
         Self {
             registry,
             gateway_requests,
             gateway_duration,
             gateway_upstream_errors,
+            dns_queries,
+            dns_truncated,
+            dns_duration,
         }
     }
 }
 
 impl Metrics {
+    /// Counts one answered DNS query.
+    pub fn record_dns(
+        &self,
+        transport: &'static str,
+        outcome: &DnsOutcome,
+        elapsed: std::time::Duration,
+    ) {
+        self.dns_queries
+            .get_or_create(&DnsQuery {
+                transport,
+                qtype: qtype_label(outcome.qtype),
+                rcode: rcode_label(outcome.rcode),
+            })
+            .inc();
+        if outcome.truncated {
+            self.dns_truncated.inc();
+        }
+        self.dns_duration.observe(elapsed.as_secs_f64());
+    }
+
     /// The OpenMetrics content type `encode` produces.
     pub const CONTENT_TYPE: &'static str =
         "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -125,5 +184,33 @@ impl Metrics {
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
         text
+    }
+}
+
+fn qtype_label(qtype: Option<RecordType>) -> &'static str {
+    match qtype {
+        None => "none",
+        Some(RecordType::A) => "A",
+        Some(RecordType::AAAA) => "AAAA",
+        Some(RecordType::SRV) => "SRV",
+        Some(RecordType::PTR) => "PTR",
+        Some(RecordType::TXT) => "TXT",
+        Some(RecordType::SOA) => "SOA",
+        Some(RecordType::NS) => "NS",
+        Some(RecordType::CNAME) => "CNAME",
+        Some(RecordType::ANY) => "ANY",
+        Some(_) => "other",
+    }
+}
+
+fn rcode_label(rcode: ResponseCode) -> &'static str {
+    match rcode {
+        ResponseCode::NoError => "NOERROR",
+        ResponseCode::NXDomain => "NXDOMAIN",
+        ResponseCode::Refused => "REFUSED",
+        ResponseCode::FormErr => "FORMERR",
+        ResponseCode::NotImp => "NOTIMP",
+        ResponseCode::ServFail => "SERVFAIL",
+        _ => "other",
     }
 }

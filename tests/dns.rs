@@ -409,6 +409,19 @@ async fn udp_answers_respect_the_payload_size() {
     }
     let classic = query_udp(muster.dns, &query("mid.svc.internal.", RecordType::A, None)).await;
     assert!(classic.metadata.truncation);
+    let metrics = muster
+        .http
+        .get(muster.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.lines().any(|l| l == "muster_dns_truncated_total 1"),
+        "{metrics}"
+    );
     let edns = query_udp(
         muster.dns,
         &query("mid.svc.internal.", RecordType::A, Some(1232)),
@@ -745,5 +758,44 @@ async fn reverse_zones_are_refused_unless_enabled() {
         .await;
     let reply = muster.udp("2.1.8.10.in-addr.arpa.", RecordType::PTR).await;
     assert_eq!(reply.metadata.response_code, ResponseCode::Refused);
+    muster.stop().await;
+}
+
+#[tokio::test]
+async fn metrics_count_queries_by_transport_type_and_rcode() {
+    let muster = start().await;
+    muster
+        .register_ok("m", "m-1", instance("10.9.0.1", 80))
+        .await;
+    for _ in 0..3 {
+        muster.udp("m.svc.internal.", RecordType::A).await;
+    }
+    muster.tcp("nope.svc.internal.", RecordType::AAAA).await;
+    let text = muster
+        .http
+        .get(muster.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let value = |series: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0)
+    };
+    assert_eq!(
+        value("muster_dns_queries_total{transport=\"udp\",qtype=\"A\",rcode=\"NOERROR\"}"),
+        3.0,
+        "{text}"
+    );
+    assert_eq!(
+        value("muster_dns_queries_total{transport=\"tcp\",qtype=\"AAAA\",rcode=\"NXDOMAIN\"}"),
+        1.0
+    );
+    assert_eq!(value("muster_dns_query_duration_seconds_count"), 4.0);
+    assert_eq!(value("muster_dns_truncated_total"), 0.0);
     muster.stop().await;
 }

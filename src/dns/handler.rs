@@ -12,16 +12,18 @@ use hickory_server::zone_handler::MessageResponseBuilder;
 use tracing::debug;
 
 use super::answer::Authority;
-use super::wire::{answer_request, response_edns, response_metadata};
+use super::wire::{Outcome, answer_request, response_edns, response_metadata};
+use crate::telemetry::Metrics;
 
 /// Answers queries that hickory's server has already parsed.
 pub struct Handler {
     authority: Arc<Authority>,
+    metrics: Arc<Metrics>,
 }
 
 impl Handler {
-    pub fn new(authority: Arc<Authority>) -> Self {
-        Self { authority }
+    pub fn new(authority: Arc<Authority>, metrics: Arc<Metrics>) -> Self {
+        Self { authority, metrics }
     }
 }
 
@@ -32,7 +34,13 @@ impl RequestHandler for Handler {
         request: &Request,
         mut response_handle: R,
     ) -> ResponseInfo {
+        let received = std::time::Instant::now();
         let answer = answer_request(&self.authority, request);
+        let outcome = Outcome {
+            qtype: request.queries.queries().first().map(|q| q.query_type()),
+            rcode: answer.rcode,
+            truncated: false,
+        };
         let metadata = response_metadata(&request.metadata, &answer);
         let edns = response_edns(request);
         let response = MessageResponseBuilder::new(&request.queries, edns.as_ref()).build(
@@ -42,7 +50,9 @@ impl RequestHandler for Handler {
             std::iter::empty(),
             answer.additionals.iter(),
         );
-        match response_handle.send_response(response).await {
+        let sent = response_handle.send_response(response).await;
+        self.metrics.record_dns("tcp", &outcome, received.elapsed());
+        match sent {
             Ok(info) => info,
             Err(error) => {
                 debug!(error = %error, "dns response not sent");

@@ -24,8 +24,10 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use crate::telemetry::Metrics;
+
 pub use answer::{Answer, Authority, RegistryZone};
-pub use wire::{MAX_UDP_PAYLOAD, answer_request, respond};
+pub use wire::{MAX_UDP_PAYLOAD, Outcome, Reply, answer_request, respond};
 
 /// Largest datagram read; queries are far smaller, the rest is dropped.
 const RECV_BUFFER: usize = 4096;
@@ -82,14 +84,16 @@ async fn bind_pair(address: SocketAddr) -> io::Result<(UdpSocket, TcpListener)> 
 pub async fn serve(
     listeners: Listeners,
     authority: Arc<Authority>,
+    metrics: Arc<Metrics>,
     tcp_idle_timeout: Duration,
     shutdown: CancellationToken,
 ) -> io::Result<()> {
     let mut udp_tasks = JoinSet::new();
     for socket in listeners.udp {
-        udp_tasks.spawn(serve_udp(socket, authority.clone(), shutdown.clone()));
+        let (authority, metrics) = (authority.clone(), metrics.clone());
+        udp_tasks.spawn(serve_udp(socket, authority, metrics, shutdown.clone()));
     }
-    let mut tcp = Server::new(handler::Handler::new(authority));
+    let mut tcp = Server::new(handler::Handler::new(authority, metrics));
     for listener in listeners.tcp {
         tcp.register_listener(listener, tcp_idle_timeout, TCP_RESPONSE_BUFFER);
     }
@@ -108,6 +112,7 @@ pub async fn serve(
 async fn serve_udp(
     socket: UdpSocket,
     authority: Arc<Authority>,
+    metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) -> io::Result<()> {
     let mut buffer = vec![0u8; RECV_BUFFER];
@@ -127,11 +132,13 @@ async fn serve_udp(
         if peer.port() == 0 {
             continue;
         }
-        let Some(response) = respond(&authority, &buffer[..length], peer, Protocol::Udp) else {
+        let received = std::time::Instant::now();
+        let Some(reply) = respond(&authority, &buffer[..length], peer, Protocol::Udp) else {
             continue;
         };
-        if let Err(error) = socket.send_to(&response, peer).await {
+        if let Err(error) = socket.send_to(&reply.bytes, peer).await {
             debug!(error = %error, peer = %peer, "dns udp send failed");
         }
+        metrics.record_dns("udp", &reply.outcome, received.elapsed());
     }
 }

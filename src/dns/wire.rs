@@ -22,6 +22,21 @@ pub const MAX_UDP_PAYLOAD: u16 = 1232;
 /// The classic limit for clients that send no EDNS.
 pub const CLASSIC_UDP_PAYLOAD: u16 = 512;
 
+/// What a reply said, for metrics.
+#[derive(Debug, Clone, Copy)]
+pub struct Outcome {
+    pub qtype: Option<RecordType>,
+    pub rcode: ResponseCode,
+    pub truncated: bool,
+}
+
+/// A reply ready to send.
+#[derive(Debug)]
+pub struct Reply {
+    pub bytes: Vec<u8>,
+    pub outcome: Outcome,
+}
+
 /// Answers one raw query received over `protocol` from `src`. `None` when
 /// nothing should be sent back (not a DNS header, or not a query).
 pub fn respond(
@@ -29,16 +44,31 @@ pub fn respond(
     query: &[u8],
     src: SocketAddr,
     protocol: Protocol,
-) -> Option<Vec<u8>> {
+) -> Option<Reply> {
     let header = Header::read(&mut BinDecoder::new(query)).ok()?;
     if header.metadata.message_type != MessageType::Query {
         return None;
     }
     let Ok(request) = Request::from_bytes(query.to_vec(), src, protocol) else {
-        return Some(encode_header_only(&header.metadata, ResponseCode::FormErr));
+        return Some(Reply {
+            bytes: encode_header_only(&header.metadata, ResponseCode::FormErr),
+            outcome: Outcome {
+                qtype: None,
+                rcode: ResponseCode::FormErr,
+                truncated: false,
+            },
+        });
     };
     let answer = answer_request(authority, &request);
-    Some(encode(&request, &answer, size_limit(&request, protocol)))
+    let (bytes, truncated) = encode(&request, &answer, size_limit(&request, protocol));
+    Some(Reply {
+        bytes,
+        outcome: Outcome {
+            qtype: request.queries.queries().first().map(|q| q.query_type()),
+            rcode: answer.rcode,
+            truncated,
+        },
+    })
 }
 
 /// Checks what the question itself cannot carry, then answers it.
@@ -93,8 +123,9 @@ pub fn size_limit(request: &MessageRequest, protocol: Protocol) -> u16 {
 
 /// Encodes `answer` within `limit` bytes: whole, or without the
 /// additional section, or (when the answer itself does not fit) empty
-/// with TC set so the client retries over TCP.
-pub fn encode(request: &MessageRequest, answer: &Answer, limit: u16) -> Vec<u8> {
+/// with TC set so the client retries over TCP. Also says whether it was
+/// truncated.
+pub fn encode(request: &MessageRequest, answer: &Answer, limit: u16) -> (Vec<u8>, bool) {
     let metadata = response_metadata(&request.metadata, answer);
     let edns = response_edns(request);
     let question = request.queries.as_bytes();
@@ -106,12 +137,12 @@ pub fn encode(request: &MessageRequest, answer: &Answer, limit: u16) -> Vec<u8> 
         edns: edns.as_ref(),
     };
     if let Some(bytes) = parts.try_emit(answer, true, limit) {
-        return bytes;
+        return (bytes, false);
     }
     if let Some(bytes) = parts.try_emit(answer, false, limit) {
-        return bytes;
+        return (bytes, false);
     }
-    parts.truncated(limit)
+    (parts.truncated(limit), true)
 }
 
 /// The pieces of a response that stay the same across encoding attempts.
