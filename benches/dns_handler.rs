@@ -81,9 +81,9 @@ fn handler(c: &mut Criterion) {
             ("NXDOMAIN", query("missing.svc.internal.", RecordType::A)),
         ];
         for (label, bytes) in &cases {
-            assert!(respond(&authority, bytes, client, Protocol::Udp).is_some());
+            assert!(respond(&authority, bytes, client, Protocol::Udp, None).is_some());
             group.bench_with_input(BenchmarkId::new(*label, services), bytes, |b, bytes| {
-                b.iter(|| respond(&authority, black_box(bytes), client, Protocol::Udp))
+                b.iter(|| respond(&authority, black_box(bytes), client, Protocol::Udp, None))
             });
         }
     }

@@ -47,6 +47,33 @@ pub struct DnsConfig {
     /// Answer PTR queries for registered addresses under `in-addr.arpa.`
     /// and `ip6.arpa.`.
     pub reverse: bool,
+    pub rrl: RrlConfig,
+}
+
+/// Response rate limiting for UDP (off while `responses_per_second` is 0).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RrlConfig {
+    /// Identical answers per second to one client /24 (IPv6 /56).
+    pub responses_per_second: u32,
+    /// Every `slip`-th limited answer is sent truncated; the rest are
+    /// dropped (0: drop all, 1: truncate all).
+    pub slip: u32,
+    /// Prefixes never limited (trusted resolvers).
+    pub exempt: Vec<ipnet::IpNet>,
+}
+
+impl Default for RrlConfig {
+    fn default() -> Self {
+        Self {
+            responses_per_second: 0,
+            slip: 2,
+            exempt: vec![
+                "127.0.0.0/8".parse().expect("a valid prefix"),
+                "::1/128".parse().expect("a valid prefix"),
+            ],
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -207,6 +234,7 @@ impl Default for DnsConfig {
             only_passing: false,
             max_answers: 0,
             reverse: false,
+            rrl: RrlConfig::default(),
         }
     }
 }

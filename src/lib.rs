@@ -195,10 +195,12 @@ async fn start_dns(
         .await
         .map_err(bind_error)?;
     let addrs = listeners.local_addrs().map_err(bind_error)?;
+    let rrl = dns::rrl::Rrl::new(&dns.rrl).map(Arc::new);
     tasks.spawn(dns::serve(
         listeners,
         authority,
         metrics,
+        rrl,
         dns.tcp_idle_timeout,
         shutdown.clone(),
     ));

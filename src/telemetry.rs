@@ -68,6 +68,14 @@ pub struct Metrics {
     pub dns_truncated: Counter,
     /// Time from a query's arrival to its answer being handed to the socket.
     pub dns_duration: Histogram,
+    /// UDP answers held back by response rate limiting, by action.
+    pub dns_rrl: Family<RrlAction, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RrlAction {
+    /// `drop` or `slip`.
+    pub action: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -111,6 +119,12 @@ impl Default for Metrics {
         let dns_truncated = Counter::default();
         // 1 µs to about 16 ms, doubling.
         let dns_duration = Histogram::new(exponential_buckets(0.000_001, 2.0, 15));
+        let dns_rrl = Family::default();
+        registry.register(
+            "dns_rrl",
+            "UDP answers held back by response rate limiting",
+            dns_rrl.clone(),
+        );
         registry.register(
             "gateway_requests",
             "Requests through the gateway, by route and status",
@@ -149,6 +163,7 @@ impl Default for Metrics {
             dns_queries,
             dns_truncated,
             dns_duration,
+            dns_rrl,
         }
     }
 }
@@ -170,6 +185,14 @@ impl Metrics {
             .inc();
         if outcome.truncated {
             self.dns_truncated.inc();
+        }
+        let action = match outcome.rrl {
+            Some(crate::dns::rrl::Decision::Drop) => Some("drop"),
+            Some(crate::dns::rrl::Decision::Slip) => Some("slip"),
+            _ => None,
+        };
+        if let Some(action) = action {
+            self.dns_rrl.get_or_create(&RrlAction { action }).inc();
         }
         self.dns_duration.observe(elapsed.as_secs_f64());
     }

@@ -799,3 +799,97 @@ async fn metrics_count_queries_by_transport_type_and_rcode() {
     assert_eq!(value("muster_dns_truncated_total"), 0.0);
     muster.stop().await;
 }
+
+/// Sends `count` identical queries at once from one socket and sorts the
+/// replies into (full answers, slipped TC replies); the rest were dropped.
+/// Waits until no reply has come for 300 ms.
+async fn flood(server: std::net::SocketAddr, count: u16) -> (usize, usize) {
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    for id in 0..count {
+        let mut message = query("flood.svc.internal.", RecordType::A, None);
+        message.metadata.id = id;
+        socket
+            .send_to(&message.to_vec().unwrap(), server)
+            .await
+            .unwrap();
+    }
+    let (mut answered, mut slipped) = (0, 0);
+    let mut buffer = vec![0u8; 4096];
+    let idle = std::time::Duration::from_millis(300);
+    while let Ok(Ok(length)) = tokio::time::timeout(idle, socket.recv(&mut buffer)).await {
+        let reply = Message::from_vec(&buffer[..length]).unwrap();
+        if reply.metadata.truncation && reply.answers.is_empty() {
+            slipped += 1;
+        } else {
+            assert_eq!(reply.answers.len(), 1);
+            answered += 1;
+        }
+    }
+    (answered, slipped)
+}
+
+#[tokio::test]
+async fn response_rate_limiting_slips_some_and_drops_the_rest_of_a_flood() {
+    let mut config = support::test_config();
+    config.dns.rrl.responses_per_second = 5;
+    config.dns.rrl.slip = 2;
+    config.dns.rrl.exempt = Vec::new();
+    let muster = support::start_with(config).await;
+    muster
+        .register_ok("flood", "f-1", instance("10.10.0.1", 80))
+        .await;
+    let (answered, slipped) = flood(muster.dns, 100).await;
+    let dropped = 100 - answered - slipped;
+    assert!(
+        (5..=10).contains(&answered),
+        "about one second's budget answered: {answered}"
+    );
+    assert!(
+        slipped >= 35 && dropped >= 35,
+        "every 2nd limited answer slips: {slipped} slipped, {dropped} dropped"
+    );
+    let over_tcp = muster.tcp("flood.svc.internal.", RecordType::A).await;
+    assert_eq!(over_tcp.answers.len(), 1, "TCP is never limited");
+    let metrics = muster
+        .http
+        .get(muster.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(&format!(
+            "muster_dns_rrl_total{{action=\"drop\"}} {dropped}"
+        )),
+        "{metrics}"
+    );
+    muster.stop().await;
+}
+
+#[tokio::test]
+async fn exempt_prefixes_and_the_default_are_never_limited() {
+    let muster = start().await;
+    muster
+        .register_ok("flood", "f-1", instance("10.10.0.1", 80))
+        .await;
+    assert_eq!(
+        flood(muster.dns, 100).await,
+        (100, 0),
+        "RRL is off by default"
+    );
+    muster.stop().await;
+    let mut config = support::test_config();
+    config.dns.rrl.responses_per_second = 5;
+    let muster = support::start_with(config).await;
+    muster
+        .register_ok("flood", "f-1", instance("10.10.0.1", 80))
+        .await;
+    assert_eq!(
+        flood(muster.dns, 100).await,
+        (100, 0),
+        "loopback is exempt by default"
+    );
+    muster.stop().await;
+}

@@ -18,7 +18,9 @@ use proptest::prelude::*;
 fn is_rfc1123_label(label: &str) -> bool {
     let bytes = label.as_bytes();
     (1..=63).contains(&bytes.len())
-        && bytes.iter().all(|b| b.is_ascii_alphanumeric() || *b == b'-')
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || *b == b'-')
         && bytes[0] != b'-'
         && bytes[bytes.len() - 1] != b'-'
 }
@@ -41,7 +43,10 @@ fn authority() -> &'static Authority {
                     }))
                     .unwrap();
                     let instance = spec.into_instance("web", &format!("w-{i}")).unwrap();
-                    registry.apply(Change::Register(Box::new(instance))).await.unwrap();
+                    registry
+                        .apply(Change::Register(Box::new(instance)))
+                        .await
+                        .unwrap();
                 }
                 Authority::new(
                     registry,
@@ -105,7 +110,7 @@ proptest! {
 
     #[test]
     fn the_handler_never_panics_on_arbitrary_bytes(bytes in prop::collection::vec(any::<u8>(), 0..600)) {
-        if let Some(reply) = respond(authority(), &bytes, client(), Protocol::Udp) {
+        if let Some(reply) = respond(authority(), &bytes, client(), Protocol::Udp, None) {
             prop_assert!(reply.bytes.len() >= 12);
             prop_assert_eq!(&reply.bytes[..2], &bytes[..2], "the reply keeps the query id");
         }
@@ -130,7 +135,7 @@ proptest! {
             let i = at.index(bytes.len());
             bytes[i] = value;
         }
-        if let Some(reply) = respond(authority(), &bytes, client(), Protocol::Udp) {
+        if let Some(reply) = respond(authority(), &bytes, client(), Protocol::Udp, None) {
             prop_assert!(Message::from_vec(&reply.bytes).is_ok(), "every reply parses");
         }
     }
@@ -138,7 +143,7 @@ proptest! {
     #[test]
     fn well_formed_queries_get_well_formed_replies(pick in 0usize..4, id in any::<u16>()) {
         let names = ["web.svc.internal.", "w-2.web.svc.internal.", "nope.svc.internal.", "other.test."];
-        let reply = respond(authority(), &query_bytes(names[pick], RecordType::A, id), client(), Protocol::Udp)
+        let reply = respond(authority(), &query_bytes(names[pick], RecordType::A, id), client(), Protocol::Udp, None)
             .expect("a query gets a reply");
         let parsed = Message::from_vec(&reply.bytes).unwrap();
         prop_assert_eq!(parsed.metadata.id, id);

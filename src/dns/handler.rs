@@ -40,6 +40,7 @@ impl RequestHandler for Handler {
             qtype: request.queries.queries().first().map(|q| q.query_type()),
             rcode: answer.rcode,
             truncated: false,
+            rrl: None,
         };
         let metadata = response_metadata(&request.metadata, &answer);
         let edns = response_edns(request);

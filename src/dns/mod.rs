@@ -9,6 +9,7 @@
 mod answer;
 mod handler;
 pub mod names;
+pub mod rrl;
 mod wire;
 pub mod zones;
 
@@ -25,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::telemetry::Metrics;
+use rrl::Rrl;
 
 pub use answer::{Answer, Authority, RegistryZone};
 pub use wire::{MAX_UDP_PAYLOAD, Outcome, Reply, answer_request, respond};
@@ -85,13 +87,14 @@ pub async fn serve(
     listeners: Listeners,
     authority: Arc<Authority>,
     metrics: Arc<Metrics>,
+    rrl: Option<Arc<Rrl>>,
     tcp_idle_timeout: Duration,
     shutdown: CancellationToken,
 ) -> io::Result<()> {
     let mut udp_tasks = JoinSet::new();
     for socket in listeners.udp {
-        let (authority, metrics) = (authority.clone(), metrics.clone());
-        udp_tasks.spawn(serve_udp(socket, authority, metrics, shutdown.clone()));
+        let (authority, metrics, rrl) = (authority.clone(), metrics.clone(), rrl.clone());
+        udp_tasks.spawn(serve_udp(socket, authority, metrics, rrl, shutdown.clone()));
     }
     let mut tcp = Server::new(handler::Handler::new(authority, metrics));
     for listener in listeners.tcp {
@@ -113,6 +116,7 @@ async fn serve_udp(
     socket: UdpSocket,
     authority: Arc<Authority>,
     metrics: Arc<Metrics>,
+    rrl: Option<Arc<Rrl>>,
     shutdown: CancellationToken,
 ) -> io::Result<()> {
     let mut buffer = vec![0u8; RECV_BUFFER];
@@ -133,10 +137,13 @@ async fn serve_udp(
             continue;
         }
         let received = std::time::Instant::now();
-        let Some(reply) = respond(&authority, &buffer[..length], peer, Protocol::Udp) else {
+        let query = &buffer[..length];
+        let Some(reply) = respond(&authority, query, peer, Protocol::Udp, rrl.as_deref()) else {
             continue;
         };
-        if let Err(error) = socket.send_to(&reply.bytes, peer).await {
+        if !reply.bytes.is_empty()
+            && let Err(error) = socket.send_to(&reply.bytes, peer).await
+        {
             debug!(error = %error, peer = %peer, "dns udp send failed");
         }
         metrics.record_dns("udp", &reply.outcome, received.elapsed());

@@ -15,6 +15,7 @@ use hickory_server::server::Request;
 use hickory_server::zone_handler::MessageRequest;
 
 use super::answer::{Answer, Authority};
+use super::rrl::{Decision, Rrl};
 
 /// Largest UDP response muster sends and the payload size it advertises
 /// (the DNS Flag Day 2020 value, safe from IP fragmentation).
@@ -28,6 +29,8 @@ pub struct Outcome {
     pub qtype: Option<RecordType>,
     pub rcode: ResponseCode,
     pub truncated: bool,
+    /// What response rate limiting decided, when it looked.
+    pub rrl: Option<Decision>,
 }
 
 /// A reply ready to send.
@@ -38,12 +41,14 @@ pub struct Reply {
 }
 
 /// Answers one raw query received over `protocol` from `src`. `None` when
-/// nothing should be sent back (not a DNS header, or not a query).
+/// nothing should be sent back (not a DNS header, or not a query); a
+/// reply with no bytes when response rate limiting dropped it.
 pub fn respond(
     authority: &Authority,
     query: &[u8],
     src: SocketAddr,
     protocol: Protocol,
+    rrl: Option<&Rrl>,
 ) -> Option<Reply> {
     let header = Header::read(&mut BinDecoder::new(query)).ok()?;
     if header.metadata.message_type != MessageType::Query {
@@ -56,17 +61,31 @@ pub fn respond(
                 qtype: None,
                 rcode: ResponseCode::FormErr,
                 truncated: false,
+                rrl: None,
             },
         });
     };
     let answer = answer_request(authority, &request);
-    let (bytes, truncated) = encode(&request, &answer, size_limit(&request, protocol));
+    let question = request.queries.queries().first();
+    let decision = match (rrl, protocol, question) {
+        (Some(rrl), Protocol::Udp, Some(q)) => {
+            Some(rrl.decide(src.ip(), q.name(), q.query_type(), answer.rcode))
+        }
+        _ => None,
+    };
+    let limit = size_limit(&request, protocol);
+    let (bytes, truncated) = match decision {
+        Some(Decision::Drop) => (Vec::new(), false),
+        Some(Decision::Slip) => (encode_truncated(&request, &answer, limit), true),
+        _ => encode(&request, &answer, limit),
+    };
     Some(Reply {
         bytes,
         outcome: Outcome {
-            qtype: request.queries.queries().first().map(|q| q.query_type()),
+            qtype: question.map(|q| q.query_type()),
             rcode: answer.rcode,
             truncated,
+            rrl: decision,
         },
     })
 }
@@ -126,16 +145,8 @@ pub fn size_limit(request: &MessageRequest, protocol: Protocol) -> u16 {
 /// with TC set so the client retries over TCP. Also says whether it was
 /// truncated.
 pub fn encode(request: &MessageRequest, answer: &Answer, limit: u16) -> (Vec<u8>, bool) {
-    let metadata = response_metadata(&request.metadata, answer);
     let edns = response_edns(request);
-    let question = request.queries.as_bytes();
-    let count = request.queries.len();
-    let parts = Parts {
-        metadata,
-        question,
-        count,
-        edns: edns.as_ref(),
-    };
+    let parts = Parts::of(request, answer, edns.as_ref());
     if let Some(bytes) = parts.try_emit(answer, true, limit) {
         return (bytes, false);
     }
@@ -143,6 +154,12 @@ pub fn encode(request: &MessageRequest, answer: &Answer, limit: u16) -> (Vec<u8>
         return (bytes, false);
     }
     (parts.truncated(limit), true)
+}
+
+/// `answer` as an empty reply with TC set (an RRL "slip").
+pub fn encode_truncated(request: &MessageRequest, answer: &Answer, limit: u16) -> Vec<u8> {
+    let edns = response_edns(request);
+    Parts::of(request, answer, edns.as_ref()).truncated(limit)
 }
 
 /// The pieces of a response that stay the same across encoding attempts.
@@ -153,7 +170,16 @@ struct Parts<'a> {
     edns: Option<&'a Edns>,
 }
 
-impl Parts<'_> {
+impl<'a> Parts<'a> {
+    fn of(request: &'a MessageRequest, answer: &Answer, edns: Option<&'a Edns>) -> Self {
+        Self {
+            metadata: response_metadata(&request.metadata, answer),
+            question: request.queries.as_bytes(),
+            count: request.queries.len(),
+            edns,
+        }
+    }
+
     /// The response if it fits whole (with or without additionals).
     fn try_emit(&self, answer: &Answer, additionals: bool, limit: u16) -> Option<Vec<u8>> {
         let empty = [];
