@@ -76,7 +76,7 @@ impl Rrl {
         let limited = self.limited.fetch_add(1, Ordering::Relaxed) + 1;
         match self.slip {
             0 => Decision::Drop,
-            slip if limited % slip == 0 => Decision::Slip,
+            slip if limited.is_multiple_of(slip) => Decision::Slip,
             _ => Decision::Drop,
         }
     }
@@ -102,7 +102,7 @@ impl Rrl {
     /// Keeps the budgets bounded: idle ones are dropped now and then.
     fn sweep(&self) {
         let checks = self.checks.fetch_add(1, Ordering::Relaxed);
-        if checks % SWEEP_EVERY == 0 && self.limiter.len() > SWEEP_ABOVE {
+        if checks.is_multiple_of(SWEEP_EVERY) && self.limiter.len() > SWEEP_ABOVE {
             self.limiter.retain_recent();
             self.limiter.shrink_to_fit();
         }
