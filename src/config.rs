@@ -48,6 +48,11 @@ pub struct DnsConfig {
     /// and `ip6.arpa.`.
     pub reverse: bool,
     pub rrl: RrlConfig,
+    /// DNS over TLS on this address (off when absent); needs `tls_cert`
+    /// and `tls_key` (PEM), which SIGHUP reads again.
+    pub tls_listen: Option<SocketAddr>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
 }
 
 /// Response rate limiting for UDP (off while `responses_per_second` is 0).
@@ -235,6 +240,9 @@ impl Default for DnsConfig {
             max_answers: 0,
             reverse: false,
             rrl: RrlConfig::default(),
+            tls_listen: None,
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -351,6 +359,14 @@ impl Config {
         validate_zone(&self.dns.zone).map_err(at("dns.zone"))?;
         whole_seconds(self.dns.ttl).map_err(at("dns.ttl"))?;
         whole_seconds(self.dns.negative_ttl).map_err(at("dns.negative_ttl"))?;
+        if self.dns.tls_listen.is_some() {
+            if self.dns.tls_cert.is_none() {
+                return Err(at("dns.tls_cert")("is needed with dns.tls_listen".into()));
+            }
+            if self.dns.tls_key.is_none() {
+                return Err(at("dns.tls_key")("is needed with dns.tls_listen".into()));
+            }
+        }
         if self.dns.tcp_idle_timeout.is_zero() {
             return Err(at("dns.tcp_idle_timeout")("must be more than 0".into()));
         }
@@ -519,6 +535,10 @@ mod tests {
             Some("dns.zone")
         );
         assert_eq!(invalid("[dns]\nzone = \".\"").key(), Some("dns.zone"));
+        assert_eq!(
+            invalid("[dns]\ntls_listen = \"127.0.0.1:853\"").key(),
+            Some("dns.tls_cert")
+        );
         assert_eq!(invalid("[api]\nlisten = 8500").key(), Some("api.listen"));
         assert_eq!(invalid("[log]\nformat = \"xml\"").key(), Some("log.format"));
         assert_eq!(invalid("[log]\nlevel = \"=[\"").key(), Some("log.level"));

@@ -27,6 +27,7 @@ use tracing::error;
 pub use config::Config;
 
 use crate::config::{ApiConfig, DnsConfig, StoreKind, ttl_seconds};
+use crate::dns::tls::{Certificates, TlsError};
 use crate::dns::zones::{ZoneError, load_dir};
 use crate::dns::{Authority, RegistryZone};
 use crate::gateway::{Gateway, GatewayError};
@@ -43,6 +44,8 @@ pub enum StartError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Gateway(#[from] GatewayError),
+    #[error("dns.tls: {0}")]
+    Tls(#[from] TlsError),
     #[error("dns.zone {zone:?} is not a valid DNS name")]
     Zone { zone: String },
     #[error("cannot listen for {what} on {address}: {source}")]
@@ -57,6 +60,8 @@ pub enum StartError {
 pub struct Running {
     /// One address per `dns.listen` entry, each serving UDP and TCP.
     pub dns: Vec<SocketAddr>,
+    /// DNS over TLS, when `dns.tls_listen` is set.
+    pub dns_tls: Option<SocketAddr>,
     pub api: SocketAddr,
     /// The front door, unless `gateway.enabled = false`.
     pub gateway: Option<SocketAddr>,
@@ -87,16 +92,31 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
     let authority = Arc::new(authority(config, dns, zones_dir, &registry)?);
     let metrics = Arc::new(Metrics::default());
     let front_door = Arc::new(Gateway::new(config, registry.clone(), metrics.clone())?);
+    let certificates = match (&dns.tls_cert, &dns.tls_key) {
+        (Some(cert), Some(key)) if dns.tls_listen.is_some() => {
+            Some(Arc::new(Certificates::load(cert, key)?))
+        }
+        _ => None,
+    };
     let reloader = Reloader {
         authority: authority.clone(),
         gateway: front_door.clone(),
+        certificates: certificates.clone(),
         zones_dir: zones_dir.clone(),
     };
     let shutdown = CancellationToken::new();
     let mut tasks = JoinSet::new();
     let (health, checker) = registry::health::spawn(registry.clone(), shutdown.clone());
     tasks.spawn(async move { checker.await.map_err(io::Error::other) });
-    let dns_addrs = start_dns(dns, authority, metrics.clone(), &shutdown, &mut tasks).await?;
+    let (dns_addrs, dns_tls) = start_dns(
+        dns,
+        authority,
+        metrics.clone(),
+        certificates,
+        &shutdown,
+        &mut tasks,
+    )
+    .await?;
     let api_addr = start_api(api, &registry, health, metrics, &shutdown, &mut tasks).await?;
     let gateway_addr = match gateway.enabled {
         true => Some(start_gateway(gateway.listen, front_door, &shutdown, &mut tasks).await?),
@@ -104,6 +124,7 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
     };
     Ok(Running {
         dns: dns_addrs,
+        dns_tls,
         api: api_addr,
         gateway: gateway_addr,
         registry,
@@ -120,15 +141,19 @@ pub enum ReloadError {
     Zones(#[from] ZoneError),
     #[error(transparent)]
     Gateway(#[from] GatewayError),
+    #[error("dns.tls: {0}")]
+    Tls(#[from] TlsError),
 }
 
-/// Reloads what can change without a restart (SIGHUP): the static zones
-/// and the gateway's routes and policies. Listen addresses, the data dir
-/// and DNS settings need a restart.
+/// Reloads what can change without a restart (SIGHUP): the static zones,
+/// the gateway's routes and policies, and the DoT certificate (from the
+/// same files). Listen addresses, the data dir and DNS settings need a
+/// restart.
 #[derive(Clone)]
 pub struct Reloader {
     authority: Arc<Authority>,
     gateway: Arc<Gateway>,
+    certificates: Option<Arc<Certificates>>,
     zones_dir: PathBuf,
 }
 
@@ -140,10 +165,21 @@ impl Reloader {
     pub fn reload(&self, config: Option<&Config>) -> Result<(), ReloadError> {
         let zones_dir = config.map_or(&self.zones_dir, |c| &c.zones_dir);
         let zones = load_dir(zones_dir)?;
-        if let Some(config) = config {
-            self.gateway.reload(&config.gateway)?;
-        }
+        let policy = config
+            .map(|c| self.gateway.prepare(&c.gateway))
+            .transpose()?;
+        let key = self
+            .certificates
+            .as_ref()
+            .map(|c| c.read_again())
+            .transpose()?;
         self.authority.replace_zones(zones);
+        if let Some(policy) = policy {
+            self.gateway.install(policy);
+        }
+        if let (Some(certificates), Some(key)) = (&self.certificates, key) {
+            certificates.install(key);
+        }
         Ok(())
     }
 }
@@ -183,9 +219,10 @@ async fn start_dns(
     dns: &DnsConfig,
     authority: Arc<Authority>,
     metrics: Arc<Metrics>,
+    certificates: Option<Arc<Certificates>>,
     shutdown: &CancellationToken,
     tasks: &mut JoinSet<io::Result<()>>,
-) -> Result<Vec<SocketAddr>, StartError> {
+) -> Result<(Vec<SocketAddr>, Option<SocketAddr>), StartError> {
     let bind_error = |source| StartError::Bind {
         what: "dns",
         address: format!("{:?}", dns.listen),
@@ -196,15 +233,29 @@ async fn start_dns(
         .map_err(bind_error)?;
     let addrs = listeners.local_addrs().map_err(bind_error)?;
     let rrl = dns::rrl::Rrl::new(&dns.rrl).map(Arc::new);
+    let tls = match (dns.tls_listen, certificates) {
+        (Some(address), Some(certificates)) => {
+            let tls_error = |source| StartError::Bind {
+                what: "dns over tls",
+                address: address.to_string(),
+                source,
+            };
+            let listener = TcpListener::bind(address).await.map_err(tls_error)?;
+            Some((listener, certificates))
+        }
+        _ => None,
+    };
+    let tls_addr = tls.as_ref().and_then(|(l, _)| l.local_addr().ok());
     tasks.spawn(dns::serve(
         listeners,
         authority,
         metrics,
         rrl,
+        tls,
         dns.tcp_idle_timeout,
         shutdown.clone(),
     ));
-    Ok(addrs)
+    Ok((addrs, tls_addr))
 }
 
 async fn start_gateway(

@@ -10,6 +10,7 @@ mod answer;
 mod handler;
 pub mod names;
 pub mod rrl;
+pub mod tls;
 mod wire;
 pub mod zones;
 
@@ -88,6 +89,7 @@ pub async fn serve(
     authority: Arc<Authority>,
     metrics: Arc<Metrics>,
     rrl: Option<Arc<Rrl>>,
+    tls: Option<(TcpListener, Arc<tls::Certificates>)>,
     tcp_idle_timeout: Duration,
     shutdown: CancellationToken,
 ) -> io::Result<()> {
@@ -99,6 +101,9 @@ pub async fn serve(
     let mut tcp = Server::new(handler::Handler::new(authority, metrics));
     for listener in listeners.tcp {
         tcp.register_listener(listener, tcp_idle_timeout, TCP_RESPONSE_BUFFER);
+    }
+    if let Some((listener, certificates)) = tls {
+        tcp.register_tls_listener(listener, tcp_idle_timeout, certificates)?;
     }
     shutdown.cancelled().await;
     if let Err(error) = tcp.shutdown_gracefully().await {

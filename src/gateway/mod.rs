@@ -157,11 +157,15 @@ impl Gateway {
         })
     }
 
-    /// Serves `config`'s routes from the next request on; on error the
-    /// current ones stay.
-    pub fn reload(&self, config: &GatewayConfig) -> Result<(), GatewayError> {
-        self.policy.store(Arc::new(Policy::new(config)?));
-        Ok(())
+    /// Builds the routes of `config` without serving them yet.
+    pub fn prepare(&self, config: &GatewayConfig) -> Result<Policy, GatewayError> {
+        Policy::new(config)
+    }
+
+    /// Serves `policy` from the next request on; requests in flight finish
+    /// with the one they started with.
+    pub fn install(&self, policy: Policy) {
+        self.policy.store(Arc::new(policy));
     }
 
     /// The instances a route may use now.

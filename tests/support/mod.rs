@@ -25,6 +25,7 @@ pub const DEADLINE: Duration = Duration::from_secs(5);
 /// A muster started for one test.
 pub struct Muster {
     pub dns: SocketAddr,
+    pub dns_tls: Option<SocketAddr>,
     pub api: SocketAddr,
     pub gateway: Option<SocketAddr>,
     pub http: reqwest::Client,
@@ -57,6 +58,7 @@ pub async fn start_with(mut config: Config) -> Muster {
     let running = muster::start(&config).await.expect("muster starts");
     Muster {
         dns: running.dns[0],
+        dns_tls: running.dns_tls,
         api: running.api,
         gateway: running.gateway,
         http: reqwest::Client::builder()
