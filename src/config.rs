@@ -40,6 +40,8 @@ pub struct DnsConfig {
     /// A TCP connection that sends no query for this long is closed.
     #[serde(with = "duration")]
     pub tcp_idle_timeout: Duration,
+    /// TCP (and DoT) connections served at once; more wait to be accepted.
+    pub max_tcp_connections: usize,
     /// Hand out only passing instances; by default warning ones serve too.
     pub only_passing: bool,
     /// Most A, AAAA or SRV records in one answer, after rotation; 0: no cap.
@@ -236,6 +238,7 @@ impl Default for DnsConfig {
             ttl: Duration::from_secs(5),
             negative_ttl: Duration::from_secs(5),
             tcp_idle_timeout: Duration::from_secs(10),
+            max_tcp_connections: 1024,
             only_passing: false,
             max_answers: 0,
             reverse: false,
@@ -366,6 +369,9 @@ impl Config {
             if self.dns.tls_key.is_none() {
                 return Err(at("dns.tls_key")("is needed with dns.tls_listen".into()));
             }
+        }
+        if self.dns.max_tcp_connections == 0 {
+            return Err(at("dns.max_tcp_connections")("must be at least 1".into()));
         }
         if self.dns.tcp_idle_timeout.is_zero() {
             return Err(at("dns.tcp_idle_timeout")("must be more than 0".into()));

@@ -252,7 +252,10 @@ async fn start_dns(
         metrics,
         rrl,
         tls,
-        dns.tcp_idle_timeout,
+        dns::TcpLimits {
+            idle_timeout: dns.tcp_idle_timeout,
+            max_connections: dns.max_tcp_connections,
+        },
         shutdown.clone(),
     ));
     Ok((addrs, tls_addr))

@@ -893,3 +893,87 @@ async fn exempt_prefixes_and_the_default_are_never_limited() {
     );
     muster.stop().await;
 }
+
+/// Sends one length-prefixed query on `stream` and reads the answer,
+/// giving up after `wait`.
+async fn ask_on(
+    stream: &mut tokio::net::TcpStream,
+    name: &str,
+    wait: std::time::Duration,
+) -> Option<Message> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let bytes = query(name, RecordType::A, None).to_vec().unwrap();
+    stream
+        .write_all(&(bytes.len() as u16).to_be_bytes())
+        .await
+        .unwrap();
+    stream.write_all(&bytes).await.unwrap();
+    let read = async {
+        let mut length = [0u8; 2];
+        stream.read_exact(&mut length).await.ok()?;
+        let mut reply = vec![0u8; usize::from(u16::from_be_bytes(length))];
+        stream.read_exact(&mut reply).await.ok()?;
+        Message::from_vec(&reply).ok()
+    };
+    tokio::time::timeout(wait, read).await.ok().flatten()
+}
+
+#[tokio::test]
+async fn tcp_connections_are_capped_and_pipelined() {
+    let mut config = support::test_config();
+    config.dns.max_tcp_connections = 2;
+    let muster = support::start_with(config).await;
+    muster
+        .register_ok("tcp", "t-1", instance("10.11.0.1", 53))
+        .await;
+    let deadline = support::DEADLINE;
+    let mut first = tokio::net::TcpStream::connect(muster.dns).await.unwrap();
+    let mut second = tokio::net::TcpStream::connect(muster.dns).await.unwrap();
+    assert!(
+        ask_on(&mut first, "tcp.svc.internal.", deadline)
+            .await
+            .is_some()
+    );
+    assert!(
+        ask_on(&mut second, "tcp.svc.internal.", deadline)
+            .await
+            .is_some(),
+        "queries on one connection in turn"
+    );
+    assert!(
+        ask_on(&mut second, "tcp.svc.internal.", deadline)
+            .await
+            .is_some()
+    );
+    let mut third = tokio::net::TcpStream::connect(muster.dns).await.unwrap();
+    let short = std::time::Duration::from_millis(300);
+    assert!(
+        ask_on(&mut third, "tcp.svc.internal.", short)
+            .await
+            .is_none(),
+        "a third connection waits"
+    );
+    drop(first);
+    use tokio::io::AsyncReadExt;
+    let mut length = [0u8; 2];
+    tokio::time::timeout(deadline, third.read_exact(&mut length))
+        .await
+        .expect("the waiting connection is served once a slot frees")
+        .unwrap();
+    muster.stop().await;
+}
+
+#[tokio::test]
+async fn idle_tcp_connections_are_closed() {
+    let mut config = support::test_config();
+    config.dns.tcp_idle_timeout = std::time::Duration::from_millis(200);
+    let muster = support::start_with(config).await;
+    let mut idle = tokio::net::TcpStream::connect(muster.dns).await.unwrap();
+    use tokio::io::AsyncReadExt;
+    let mut byte = [0u8; 1];
+    let closed = tokio::time::timeout(support::DEADLINE, idle.read(&mut byte))
+        .await
+        .expect("the server closes an idle connection");
+    assert_eq!(closed.unwrap(), 0, "EOF");
+    muster.stop().await;
+}

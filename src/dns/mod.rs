@@ -2,14 +2,16 @@
 //!
 //! Owns the naming scheme (`names`), static zone files (`zones`), the
 //! answer logic (`answer`), the wire rules (`wire`) and the listeners:
-//! a UDP loop per socket of muster's own, and hickory-server's `Server`
-//! for TCP. Answers are computed from the current registry snapshot;
+//! muster's own UDP loop per socket and TCP accept loop (so connections
+//! can be capped and idle ones closed), and hickory-server's `Server` for
+//! DNS over TLS. Answers are computed from the current registry snapshot;
 //! this module never writes to the registry and never blocks on it.
 
 mod answer;
 mod handler;
 pub mod names;
 pub mod rrl;
+mod tcp;
 pub mod tls;
 mod wire;
 pub mod zones;
@@ -22,20 +24,20 @@ use std::time::Duration;
 use hickory_server::Server;
 use hickory_server::net::xfer::Protocol;
 use tokio::net::{TcpListener, UdpSocket};
+use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::telemetry::Metrics;
 use rrl::Rrl;
+use tcp::TcpContext;
 
 pub use answer::{Answer, Authority, RegistryZone};
 pub use wire::{MAX_UDP_PAYLOAD, Outcome, Reply, answer_request, respond};
 
 /// Largest datagram read; queries are far smaller, the rest is dropped.
 const RECV_BUFFER: usize = 4096;
-/// Per-connection buffer hickory keeps for queued TCP responses.
-const TCP_RESPONSE_BUFFER: usize = 32;
 
 /// Bound DNS sockets: UDP and TCP on each configured address.
 pub struct Listeners {
@@ -84,32 +86,53 @@ async fn bind_pair(address: SocketAddr) -> io::Result<(UdpSocket, TcpListener)> 
 }
 
 /// Serves DNS on `listeners` until `shutdown` is cancelled.
+/// How the TCP listeners treat connections.
+#[derive(Debug, Clone, Copy)]
+pub struct TcpLimits {
+    /// A connection that sends no complete query for this long is closed.
+    pub idle_timeout: Duration,
+    /// Connections served at once (TCP and DoT each).
+    pub max_connections: usize,
+}
+
+/// Serves DNS on `listeners` until `shutdown` is cancelled.
 pub async fn serve(
     listeners: Listeners,
     authority: Arc<Authority>,
     metrics: Arc<Metrics>,
     rrl: Option<Arc<Rrl>>,
     tls: Option<(TcpListener, Arc<tls::Certificates>)>,
-    tcp_idle_timeout: Duration,
+    limits: TcpLimits,
     shutdown: CancellationToken,
 ) -> io::Result<()> {
-    let mut udp_tasks = JoinSet::new();
+    let mut tasks = JoinSet::new();
     for socket in listeners.udp {
         let (authority, metrics, rrl) = (authority.clone(), metrics.clone(), rrl.clone());
-        udp_tasks.spawn(serve_udp(socket, authority, metrics, rrl, shutdown.clone()));
+        tasks.spawn(serve_udp(socket, authority, metrics, rrl, shutdown.clone()));
     }
-    let mut tcp = Server::new(handler::Handler::new(authority, metrics));
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
     for listener in listeners.tcp {
-        tcp.register_listener(listener, tcp_idle_timeout, TCP_RESPONSE_BUFFER);
+        let context = TcpContext {
+            authority: authority.clone(),
+            metrics: metrics.clone(),
+            idle_timeout: limits.idle_timeout,
+        };
+        tasks.spawn(tcp::serve(
+            listener,
+            context,
+            slots.clone(),
+            shutdown.clone(),
+        ));
     }
+    let mut dot = Server::new(handler::Handler::new(authority, metrics));
     if let Some((listener, certificates)) = tls {
-        tcp.register_tls_listener(listener, tcp_idle_timeout, certificates)?;
+        dot.register_tls_listener(listener, limits.idle_timeout, certificates)?;
+        shutdown.cancelled().await;
+        if let Err(error) = dot.shutdown_gracefully().await {
+            warn!(error = %error, "dns over tls listener ended with an error");
+        }
     }
-    shutdown.cancelled().await;
-    if let Err(error) = tcp.shutdown_gracefully().await {
-        warn!(error = %error, "dns tcp listener ended with an error");
-    }
-    while let Some(done) = udp_tasks.join_next().await {
+    while let Some(done) = tasks.join_next().await {
         done.map_err(io::Error::other)??;
     }
     Ok(())
