@@ -42,6 +42,7 @@ async fn authority(services: usize) -> Authority {
             negative_ttl: 5,
             max_answers: 0,
             reverse: false,
+            transfers: Vec::new(),
         },
     )
 }

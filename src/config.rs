@@ -50,6 +50,9 @@ pub struct DnsConfig {
     /// and `ip6.arpa.`.
     pub reverse: bool,
     pub rrl: RrlConfig,
+    /// Static zones that may be transferred (AXFR, IXFR as a full
+    /// transfer, over TCP) and the peers allowed to: `{"zone." = ["10.0.0.0/8"]}`.
+    pub transfers: std::collections::BTreeMap<String, Vec<ipnet::IpNet>>,
     /// DNS over TLS on this address (off when absent); needs `tls_cert`
     /// and `tls_key` (PEM), which SIGHUP reads again.
     pub tls_listen: Option<SocketAddr>,
@@ -243,6 +246,7 @@ impl Default for DnsConfig {
             max_answers: 0,
             reverse: false,
             rrl: RrlConfig::default(),
+            transfers: std::collections::BTreeMap::new(),
             tls_listen: None,
             tls_cert: None,
             tls_key: None,
@@ -369,6 +373,9 @@ impl Config {
             if self.dns.tls_key.is_none() {
                 return Err(at("dns.tls_key")("is needed with dns.tls_listen".into()));
             }
+        }
+        for zone in self.dns.transfers.keys() {
+            validate_zone(zone).map_err(|m| (format!("dns.transfers.{zone}"), m))?;
         }
         if self.dns.max_tcp_connections == 0 {
             return Err(at("dns.max_tcp_connections")("must be at least 1".into()));

@@ -211,6 +211,17 @@ fn authority(
             negative_ttl: ttl_seconds(dns.negative_ttl),
             max_answers: dns.max_answers,
             reverse: dns.reverse,
+            transfers: dns
+                .transfers
+                .iter()
+                .filter_map(|(zone, peers)| {
+                    let zone = format!("{}.", zone.trim_end_matches('.'));
+                    Some((
+                        hickory_proto::rr::Name::from_ascii(zone).ok()?,
+                        peers.clone(),
+                    ))
+                })
+                .collect(),
         },
     ))
 }

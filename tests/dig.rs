@@ -147,3 +147,34 @@ async fn dig_gets_tc_over_udp_and_everything_over_tcp() {
     assert_eq!(lines(&tcp).len(), 200);
     muster.stop().await;
 }
+
+#[tokio::test]
+#[ignore = "needs dig"]
+async fn dig_transfers_an_allowed_static_zone() {
+    let zones = tempfile::tempdir().unwrap();
+    std::fs::write(
+        zones.path().join("example.internal.zone"),
+        "$TTL 60\n@ IN SOA ns hostmaster 7 3600 600 86400 30\n@ IN NS ns\nns IN A 127.0.0.1\nwww IN A 10.8.0.1\n",
+    )
+    .unwrap();
+    let mut config = support::test_config();
+    config.zones_dir = zones.path().to_path_buf();
+    config.dns.transfers = [(
+        "example.internal".to_string(),
+        vec!["127.0.0.0/8".parse().unwrap()],
+    )]
+    .into();
+    let muster = support::start_with(config).await;
+    let axfr = dig(&muster, &["example.internal", "AXFR"]).await;
+    let records: Vec<&str> = axfr
+        .lines()
+        .filter(|l| !l.starts_with(';') && !l.is_empty())
+        .collect();
+    assert_eq!(records.len(), 5, "{axfr}");
+    assert!(
+        folded(records[0]).contains("IN SOA") && folded(records[4]).contains("IN SOA"),
+        "{axfr}"
+    );
+    assert!(axfr.contains("10.8.0.1"));
+    muster.stop().await;
+}

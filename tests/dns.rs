@@ -977,3 +977,86 @@ async fn idle_tcp_connections_are_closed() {
     assert_eq!(closed.unwrap(), 0, "EOF");
     muster.stop().await;
 }
+
+#[tokio::test]
+async fn static_zones_transfer_to_allowed_peers_over_tcp_only() {
+    let zones = tempfile::tempdir().unwrap();
+    let text = format!("{EXAMPLE_ZONE}www IN A 10.8.0.1\napi IN AAAA fd00::8\n");
+    std::fs::write(zones.path().join("example.internal.zone"), text).unwrap();
+    let mut config = support::test_config();
+    config.zones_dir = zones.path().to_path_buf();
+    config.dns.transfers = [
+        (
+            "example.internal".to_string(),
+            vec!["127.0.0.0/8".parse().unwrap()],
+        ),
+        (
+            "svc.internal.".to_string(),
+            vec!["127.0.0.0/8".parse().unwrap()],
+        ),
+    ]
+    .into();
+    let muster = support::start_with(config).await;
+    let axfr = query_tcp(
+        muster.dns,
+        &query("example.internal.", RecordType::AXFR, None),
+    )
+    .await;
+    assert_eq!(axfr.metadata.response_code, ResponseCode::NoError);
+    let types: Vec<RecordType> = axfr.answers.iter().map(|r| r.record_type()).collect();
+    assert_eq!(types.first(), Some(&RecordType::SOA));
+    assert_eq!(types.last(), Some(&RecordType::SOA));
+    assert_eq!(
+        axfr.answers.len(),
+        2 + 4,
+        "SOA, NS, ns A, www A, api AAAA, SOA"
+    );
+    let ixfr = query_tcp(
+        muster.dns,
+        &query("example.internal.", RecordType::IXFR, None),
+    )
+    .await;
+    assert_eq!(
+        ixfr.answers.len(),
+        axfr.answers.len(),
+        "IXFR gets the whole zone"
+    );
+
+    let registry = query_tcp(muster.dns, &query("svc.internal.", RecordType::AXFR, None)).await;
+    assert_eq!(
+        registry.metadata.response_code,
+        ResponseCode::Refused,
+        "never the registry zone"
+    );
+    let over_udp = query_udp(
+        muster.dns,
+        &query("example.internal.", RecordType::AXFR, None),
+    )
+    .await;
+    assert_eq!(
+        over_udp.metadata.response_code,
+        ResponseCode::Refused,
+        "never over UDP"
+    );
+    muster.stop().await;
+
+    let mut config = support::test_config();
+    config.zones_dir = zones.path().to_path_buf();
+    config.dns.transfers = [(
+        "example.internal.".to_string(),
+        vec!["10.0.0.0/8".parse().unwrap()],
+    )]
+    .into();
+    let muster = support::start_with(config).await;
+    let stranger = query_tcp(
+        muster.dns,
+        &query("example.internal.", RecordType::AXFR, None),
+    )
+    .await;
+    assert_eq!(
+        stranger.metadata.response_code,
+        ResponseCode::Refused,
+        "a peer not listed"
+    );
+    muster.stop().await;
+}

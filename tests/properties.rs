@@ -57,6 +57,7 @@ fn authority() -> &'static Authority {
                         negative_ttl: 5,
                         max_answers: 0,
                         reverse: true,
+                        transfers: Vec::new(),
                     },
                 )
             });

@@ -60,6 +60,8 @@ pub struct RegistryZone {
     pub max_answers: usize,
     /// Serve PTR records for registered addresses.
     pub reverse: bool,
+    /// Static zones that may be transferred, and to whom.
+    pub transfers: Vec<(Name, Vec<ipnet::IpNet>)>,
 }
 
 /// The reverse zones muster answers in when `reverse` is on.
@@ -76,6 +78,7 @@ pub struct Authority {
     ttl: u32,
     negative_ttl: u32,
     max_answers: usize,
+    transfers: Vec<(LowerName, Vec<ipnet::IpNet>)>,
     /// The reverse zones' origins (and whether each is IPv4's), when PTR
     /// records are served.
     reverse: Vec<(LowerName, bool)>,
@@ -95,6 +98,11 @@ impl Authority {
             ttl: zone.ttl,
             negative_ttl: zone.negative_ttl,
             max_answers: zone.max_answers,
+            transfers: zone
+                .transfers
+                .iter()
+                .map(|(name, peers)| (LowerName::new(name), peers.clone()))
+                .collect(),
             reverse: if zone.reverse {
                 REVERSE_ZONES
                     .iter()
@@ -161,6 +169,30 @@ impl Authority {
             return self.any_answer(name);
         }
         answer
+    }
+
+    /// A zone transfer of `name` for `peer`: allowed only for a static
+    /// zone (never the registry's) listed in `dns.transfers` with a prefix
+    /// holding `peer`.
+    pub fn transfer(&self, name: &LowerName, peer: std::net::IpAddr) -> Answer {
+        let allowed = self
+            .transfers
+            .iter()
+            .any(|(zone, peers)| zone == name && peers.iter().any(|p| p.contains(&peer)));
+        let zones = self.zones.load();
+        let zone = zones
+            .get(name)
+            .filter(|_| allowed && *name != self.lower_origin);
+        match zone {
+            Some(zone) => Answer {
+                rcode: ResponseCode::NoError,
+                authoritative: true,
+                answers: zone.transfer(),
+                authorities: Vec::new(),
+                additionals: Vec::new(),
+            },
+            None => Answer::error(ResponseCode::Refused),
+        }
     }
 
     /// RFC 8482's answer to ANY: "the name exists", and nothing to amplify.

@@ -65,8 +65,15 @@ pub fn respond(
             },
         });
     };
-    let answer = answer_request(authority, &request);
     let question = request.queries.queries().first();
+    let transfer =
+        question.filter(|q| matches!(q.query_type(), RecordType::AXFR | RecordType::IXFR));
+    let answer = match (transfer, protocol) {
+        (Some(q), Protocol::Tcp) if request.metadata.op_code == OpCode::Query => {
+            authority.transfer(q.name(), src.ip())
+        }
+        _ => answer_request(authority, &request),
+    };
     let decision = match (rrl, protocol, question) {
         (Some(rrl), Protocol::Udp, Some(q)) => {
             Some(rrl.decide(src.ip(), q.name(), q.query_type(), answer.rcode))

@@ -146,6 +146,24 @@ impl StaticZone {
         }
     }
 
+    /// The whole zone as a transfer carries it: the SOA, every other
+    /// record, and the SOA again (RFC 5936).
+    pub fn transfer(&self) -> Vec<Record> {
+        let mut records = vec![self.soa.clone()];
+        let mut names: Vec<&LowerName> = self.records.keys().collect();
+        names.sort();
+        for name in names {
+            records.extend(
+                self.records[name]
+                    .iter()
+                    .filter(|r| r.record_type() != RecordType::SOA)
+                    .cloned(),
+            );
+        }
+        records.push(self.soa.clone());
+        records
+    }
+
     /// Whether `name` exists in this zone (with records or as a non-terminal).
     pub fn contains(&self, name: &LowerName) -> bool {
         self.names.contains(name)
