@@ -1060,3 +1060,108 @@ async fn static_zones_transfer_to_allowed_peers_over_tcp_only() {
     );
     muster.stop().await;
 }
+
+/// The TXT strings of the answers, each record's strings joined.
+fn txt(message: &Message) -> Vec<String> {
+    message
+        .answers
+        .iter()
+        .filter_map(|r| match &r.data {
+            RData::TXT(t) => Some(
+                t.txt_data
+                    .iter()
+                    .map(|s| String::from_utf8_lossy(s).into_owned())
+                    .collect::<String>(),
+            ),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn grpc_service_config_is_served_as_txt() {
+    let muster = start().await;
+    let long_name = "x".repeat(300);
+    let config_a = json!([{"serviceConfig": {"loadBalancingConfig": [{"round_robin": {}}], "note": long_name}}]);
+    let config_b = json!([{"serviceConfig": {"loadBalancingConfig": [{"pick_first": {}}]}}]);
+    let mut a = instance("10.12.0.1", 50051);
+    a["grpc_config"] = config_a.clone();
+    let mut b = instance("10.12.0.2", 50051);
+    b["grpc_config"] = config_b.clone();
+    let stored = muster.register_ok("greeter", "g-b", b).await;
+    assert_eq!(stored["grpc_config"], config_b);
+    muster.register_ok("greeter", "g-a", a).await;
+    muster
+        .register_ok("plain", "p-1", instance("10.12.0.3", 80))
+        .await;
+
+    for transport in BOTH {
+        let reply = ask(
+            &muster,
+            transport,
+            "_grpc_config.greeter.svc.internal.",
+            RecordType::TXT,
+        )
+        .await;
+        let values = txt(&reply);
+        assert_eq!(values.len(), 1);
+        let json = values[0]
+            .strip_prefix("grpc_config=")
+            .expect("gRPC's prefix");
+        let parsed: serde_json::Value = serde_json::from_str(json).unwrap();
+        assert_eq!(
+            parsed, config_a,
+            "the lowest id's config, joined across 255-byte strings"
+        );
+        let RData::TXT(record) = &reply.answers[0].data else {
+            panic!()
+        };
+        assert!(record.txt_data.len() > 1 && record.txt_data.iter().all(|s| s.len() <= 255));
+    }
+    let other_type = muster
+        .udp("_grpc_config.greeter.svc.internal.", RecordType::A)
+        .await;
+    assert_negative(&other_type, ResponseCode::NoError);
+    let without = muster
+        .udp("_grpc_config.plain.svc.internal.", RecordType::TXT)
+        .await;
+    assert_negative(&without, ResponseCode::NXDomain);
+
+    // Drained, g-a stops speaking for the service.
+    let drained = muster
+        .http
+        .put(muster.url("/v1/services/greeter/instances/g-a/maintenance"))
+        .json(&json!({"enabled": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(drained.status(), 200);
+    let reply = muster
+        .udp("_grpc_config.greeter.svc.internal.", RecordType::TXT)
+        .await;
+    let json = txt(&reply)[0]
+        .strip_prefix("grpc_config=")
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&json).unwrap(),
+        config_b
+    );
+
+    for bad in [
+        json!({"serviceConfig": {}}),
+        json!([]),
+        json!([{"no": 1}]),
+        json!([{"serviceConfig": "x".repeat(5000)}]),
+    ] {
+        let mut body = instance("10.12.0.9", 80);
+        body["grpc_config"] = bad.clone();
+        let (status, error) = muster.register("greeter", "g-z", body).await;
+        assert_eq!(
+            (status, error["field"].as_str()),
+            (400, Some("grpc_config")),
+            "{bad}"
+        );
+    }
+    muster.stop().await;
+}

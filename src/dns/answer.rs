@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use arc_swap::ArcSwap;
 
 use hickory_proto::op::{LowerQuery, ResponseCode};
-use hickory_proto::rr::rdata::{A, AAAA, HINFO, PTR, SRV};
+use hickory_proto::rr::rdata::{A, AAAA, HINFO, PTR, SRV, TXT};
 use hickory_proto::rr::{DNSClass, LowerName, Name, RData, Record, RecordType};
 
 use super::names::{RegistryName, classify};
@@ -291,6 +291,10 @@ impl Authority {
                 .service(service)?
                 .has_protocol(protocol)
                 .then(Found::default),
+            RegistryName::GrpcConfig(service) => {
+                let service = snapshot.service(service)?;
+                self.grpc_config_records(service, &owner, rtype)
+            }
             RegistryName::Instance { service, instance } => {
                 let service = snapshot.service(service)?;
                 let instance = service.instance(instance)?;
@@ -315,6 +319,43 @@ impl Authority {
             },
             _ => Found::default(),
         }
+    }
+
+    /// `grpc_config=<json>` as one TXT record, from the serving instance
+    /// with the lowest id that carries a config; `None` when none does.
+    fn grpc_config_records(
+        &self,
+        service: &Service,
+        owner: &Name,
+        rtype: RecordType,
+    ) -> Option<Found> {
+        let carried = service
+            .instances()
+            .iter()
+            .filter(|i| i.grpc_config.is_some());
+        let mut serving = carried.clone().filter(|i| service.serves(i)).peekable();
+        if serving.peek().is_none() {
+            return carried.clone().next().map(|_| Found::default());
+        }
+        let config = serving.next()?.grpc_config.as_ref()?;
+        if !matches!(rtype, RecordType::TXT | RecordType::ANY) {
+            return Some(Found::default());
+        }
+        let value = format!("grpc_config={config}");
+        // A TXT string holds at most 255 bytes; gRPC joins the strings.
+        let strings: Vec<String> = value
+            .as_bytes()
+            .chunks(255)
+            .map(|c| String::from_utf8_lossy(c).into_owned())
+            .collect();
+        Some(Found {
+            answers: vec![Record::from_rdata(
+                owner.clone(),
+                self.ttl,
+                RData::TXT(TXT::new(strings)),
+            )],
+            additionals: Vec::new(),
+        })
     }
 
     fn instance_records(

@@ -30,12 +30,16 @@ pub enum RegistryName<'a> {
         service: &'a str,
         tags: Vec<&'a str>,
     },
+    /// `_grpc_config.<service>.Z`, the TXT record gRPC clients read.
+    GrpcConfig(&'a str),
     /// Not a shape the registry answers for; static data may still exist.
     Other,
 }
 
 /// The label that introduces tag names.
 pub const TAG_LABEL: &str = "tag";
+/// The label gRPC's DNS resolver prefixes to find a service config.
+pub const GRPC_CONFIG_LABEL: &str = "_grpc_config";
 
 /// Classifies `labels`, the labels left of the zone, leftmost first.
 pub fn classify<'a>(labels: &[&'a str]) -> RegistryName<'a> {
@@ -50,6 +54,7 @@ pub fn classify<'a>(labels: &[&'a str]) -> RegistryName<'a> {
                 service,
                 tags: Vec::new(),
             },
+            None if *proto == GRPC_CONFIG_LABEL => RegistryName::GrpcConfig(service),
             None if proto.starts_with('_') => RegistryName::Other,
             None => RegistryName::Instance {
                 service,
@@ -139,6 +144,10 @@ mod tests {
                 service: "payment",
                 tags: vec!["v2", "eu"]
             }
+        );
+        assert_eq!(
+            of("_grpc_config.payment"),
+            RegistryName::GrpcConfig("payment")
         );
         assert_eq!(
             of("tag.payment"),

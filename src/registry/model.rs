@@ -166,6 +166,10 @@ pub struct Instance {
     pub meta: BTreeMap<String, String>,
     pub weight: u16,
     pub priority: u16,
+    /// The service's gRPC service config (a JSON array of choices),
+    /// served as `_grpc_config.<service>.Z` TXT.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grpc_config: Option<serde_json::Value>,
     pub check: Option<CheckSpec>,
     pub health: Health,
     pub maintenance: Option<Maintenance>,

@@ -25,6 +25,8 @@ pub const MIN_TTL: Duration = Duration::from_secs(1);
 pub const MIN_INTERVAL: Duration = Duration::from_millis(100);
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(10);
 pub const MAX_DAMPING: i64 = 100;
+/// Largest gRPC service config, as compact JSON.
+pub const MAX_GRPC_CONFIG: usize = 4096;
 
 /// A rejected input: which field, and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -57,6 +59,7 @@ pub struct InstanceSpec {
     pub meta: BTreeMap<String, String>,
     pub weight: Option<i64>,
     pub priority: Option<i64>,
+    pub grpc_config: Option<serde_json::Value>,
     pub check: Option<CheckInput>,
 }
 
@@ -142,6 +145,7 @@ impl InstanceSpec {
             meta: meta(self.meta)?,
             weight: in_range("weight", self.weight.unwrap_or(1), 1)?,
             priority: in_range("priority", self.priority.unwrap_or(0), 0)?,
+            grpc_config: self.grpc_config.map(grpc_config).transpose()?,
             health: Health::initial(check.as_ref()),
             check,
             maintenance: None,
@@ -426,6 +430,27 @@ fn prefixed(prefix: &str, error: ValidationError) -> ValidationError {
 fn timestamp(field: &str, text: &str) -> Result<std::time::SystemTime, ValidationError> {
     humantime::parse_rfc3339(text)
         .map_err(|_| ValidationError::new(field, format!("{text:?} is not an RFC 3339 time")))
+}
+
+/// gRPC's DNS resolver expects a JSON array of choices, each with a
+/// `serviceConfig` object (gRPC A2 "Service Config via DNS").
+fn grpc_config(value: serde_json::Value) -> Result<serde_json::Value, ValidationError> {
+    let invalid = |message: &str| ValidationError::new("grpc_config", message);
+    let choices = value
+        .as_array()
+        .ok_or_else(|| invalid("must be a JSON array of choices"))?;
+    if choices.is_empty() {
+        return Err(invalid("needs at least one choice"));
+    }
+    for choice in choices {
+        if !choice.get("serviceConfig").is_some_and(|c| c.is_object()) {
+            return Err(invalid("every choice needs a \"serviceConfig\" object"));
+        }
+    }
+    if value.to_string().len() > MAX_GRPC_CONFIG {
+        return Err(invalid(&format!("longer than {MAX_GRPC_CONFIG} bytes")));
+    }
+    Ok(value)
 }
 
 fn address(text: &str) -> Result<IpAddr, ValidationError> {
