@@ -178,3 +178,82 @@ async fn dig_transfers_an_allowed_static_zone() {
     assert!(axfr.contains("10.8.0.1"));
     muster.stop().await;
 }
+
+/// dnsperf's summary line `label: N` as a number.
+fn dnsperf_count(output: &str, label: &str) -> u64 {
+    output
+        .lines()
+        .find_map(|l| l.trim().strip_prefix(label))
+        .and_then(|rest| rest.trim_start_matches(':').split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no {label:?} in {output}"))
+}
+
+#[tokio::test]
+#[ignore = "needs dnsperf"]
+async fn rrl_holds_back_a_dnsperf_flood() {
+    let mut config = support::test_config();
+    config.dns.rrl.responses_per_second = 50;
+    config.dns.rrl.slip = 2;
+    config.dns.rrl.exempt = Vec::new();
+    let muster = support::start_with(config).await;
+    muster
+        .register_ok("flood", "f-1", instance("10.13.0.1", 80))
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let queries = dir.path().join("queries");
+    std::fs::write(&queries, "flood.svc.internal A\n").unwrap();
+    // A bounded loopback flood: 2,000 queries/s for 2 s from one client.
+    let mut dnsperf = std::process::Command::new("dnsperf");
+    dnsperf
+        .args(["-s", "127.0.0.1", "-p", &muster.dns.port().to_string()])
+        .arg("-d")
+        .arg(&queries)
+        .args(["-l", "2", "-Q", "2000", "-q", "5000", "-t", "1", "-c", "1"]);
+    let output = tokio::task::spawn_blocking(move || dnsperf.output())
+        .await
+        .unwrap()
+        .expect("dnsperf runs (apt dnsperf)");
+    let report = String::from_utf8_lossy(&output.stdout).into_owned();
+    let sent = dnsperf_count(&report, "Queries sent");
+    let completed = dnsperf_count(&report, "Queries completed");
+    let lost = dnsperf_count(&report, "Queries lost");
+    let metrics = muster
+        .http
+        .get(muster.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let counter = |series: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(series))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let (dropped, slipped) = (
+        counter("muster_dns_rrl_total{action=\"drop\"}"),
+        counter("muster_dns_rrl_total{action=\"slip\"}"),
+    );
+    eprintln!(
+        "dnsperf: sent {sent}, completed {completed}, lost {lost}; muster: dropped {dropped}, slipped {slipped}"
+    );
+    assert!(sent >= 2000, "{report}");
+    assert_eq!(lost, dropped, "every lost query is one RRL dropped");
+    assert!(
+        dropped * 3 > sent,
+        "most of the flood is held back: {report}"
+    );
+    assert!(
+        slipped * 3 > sent,
+        "every 2nd held-back answer slips: {report}"
+    );
+    assert!(
+        completed - slipped <= 200,
+        "about 50 answers a second get through whole"
+    );
+    muster.stop().await;
+}
