@@ -1165,3 +1165,34 @@ async fn grpc_service_config_is_served_as_txt() {
     }
     muster.stop().await;
 }
+
+#[tokio::test]
+async fn srv_answers_rotate_within_each_priority_level() {
+    let mut config = support::test_config();
+    config.dns.max_answers = 3;
+    let muster = support::start_with(config).await;
+    for (id, priority) in [("p-1", 0), ("p-2", 0), ("p-3", 0), ("b-1", 1), ("b-2", 1)] {
+        let body = json!({"address": "10.14.0.1", "port": 80, "priority": priority});
+        muster.register_ok("levels", id, body).await;
+    }
+    let mut firsts = BTreeSet::new();
+    for _ in 0..4 {
+        let reply = muster.udp("levels.svc.internal.", RecordType::SRV).await;
+        let order: Vec<(u16, String)> = reply
+            .answers
+            .iter()
+            .filter_map(|r| match &r.data {
+                RData::SRV(s) => Some((s.priority, s.target.to_string())),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(order.len(), 3);
+        assert!(
+            order.iter().all(|(p, _)| *p == 0),
+            "the cap keeps the preferred level: {order:?}"
+        );
+        firsts.insert(order[0].1.clone());
+    }
+    assert!(firsts.len() > 1, "the preferred level rotates");
+    muster.stop().await;
+}

@@ -401,7 +401,7 @@ impl Authority {
     /// as additional records.
     fn srv<'a>(&self, owner: &Name, endpoints: impl Iterator<Item = Endpoint<'a>>) -> Found {
         let mut endpoints: Vec<Endpoint<'a>> = endpoints.collect();
-        self.rotate(&mut endpoints);
+        self.rotate_within_priority(&mut endpoints);
         self.cap(&mut endpoints);
         let mut found = Found::default();
         for endpoint in endpoints {
@@ -437,6 +437,18 @@ impl Authority {
     fn cap<T>(&self, items: &mut Vec<T>) {
         if self.max_answers > 0 {
             items.truncate(self.max_answers);
+        }
+    }
+
+    /// SRV records in ascending priority, each level rotated on its own,
+    /// so a cap keeps the preferred level and rotation never promotes a
+    /// backup.
+    fn rotate_within_priority(&self, endpoints: &mut [Endpoint<'_>]) {
+        endpoints.sort_by_key(|e| e.instance.priority);
+        let turn = self.rotation.fetch_add(1, Ordering::Relaxed);
+        for level in endpoints.chunk_by_mut(|a, b| a.instance.priority == b.instance.priority) {
+            let length = level.len();
+            level.rotate_left(turn % length);
         }
     }
 
