@@ -218,22 +218,8 @@ async fn rrl_holds_back_a_dnsperf_flood() {
     let sent = dnsperf_count(&report, "Queries sent");
     let completed = dnsperf_count(&report, "Queries completed");
     let lost = dnsperf_count(&report, "Queries lost");
-    let metrics = muster
-        .http
-        .get(muster.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let counter = |series: &str| -> u64 {
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix(series))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0)
-    };
+    let metrics = muster.metrics().await;
+    let counter = |series: &str| support::metric(&metrics, series) as u64;
     let (dropped, slipped) = (
         counter("muster_dns_rrl_total{action=\"drop\"}"),
         counter("muster_dns_rrl_total{action=\"slip\"}"),

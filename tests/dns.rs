@@ -409,15 +409,7 @@ async fn udp_answers_respect_the_payload_size() {
     }
     let classic = query_udp(muster.dns, &query("mid.svc.internal.", RecordType::A, None)).await;
     assert!(classic.metadata.truncation);
-    let metrics = muster
-        .http
-        .get(muster.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = muster.metrics().await;
     assert!(
         metrics.lines().any(|l| l == "muster_dns_truncated_total 1"),
         "{metrics}"
@@ -771,21 +763,8 @@ async fn metrics_count_queries_by_transport_type_and_rcode() {
         muster.udp("m.svc.internal.", RecordType::A).await;
     }
     muster.tcp("nope.svc.internal.", RecordType::AAAA).await;
-    let text = muster
-        .http
-        .get(muster.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let value = |series: &str| -> f64 {
-        text.lines()
-            .find_map(|l| l.strip_prefix(series))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0.0)
-    };
+    let text = muster.metrics().await;
+    let value = |series: &str| support::metric(&text, series);
     assert_eq!(
         value("muster_dns_queries_total{transport=\"udp\",qtype=\"A\",rcode=\"NOERROR\"}"),
         3.0,
@@ -850,15 +829,7 @@ async fn response_rate_limiting_slips_some_and_drops_the_rest_of_a_flood() {
     );
     let over_tcp = muster.tcp("flood.svc.internal.", RecordType::A).await;
     assert_eq!(over_tcp.answers.len(), 1, "TCP is never limited");
-    let metrics = muster
-        .http
-        .get(muster.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = muster.metrics().await;
     assert!(
         metrics.contains(&format!(
             "muster_dns_rrl_total{{action=\"drop\"}} {dropped}"

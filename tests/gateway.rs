@@ -191,8 +191,8 @@ async fn a_killed_backend_costs_get_clients_nothing_and_is_ejected() {
     let spread = spread(&muster, "/api/orders", 60).await;
     assert_eq!(spread.values().sum::<usize>(), 60, "every GET succeeded");
     assert!(!spread.contains_key("b"));
-    let (_, metrics) = metrics_text(&muster).await;
-    let connect_errors = metric_value(
+    let metrics = muster.metrics().await;
+    let connect_errors = support::metric(
         &metrics,
         "muster_gateway_upstream_errors_total{route=\"orders\",kind=\"connect\"}",
     );
@@ -451,23 +451,6 @@ async fn routes_reload_and_a_bad_reload_keeps_the_old_ones() {
     muster.stop().await;
 }
 
-async fn metrics_text(muster: &Muster) -> (u16, String) {
-    let response = muster
-        .http
-        .get(muster.url("/metrics"))
-        .send()
-        .await
-        .unwrap();
-    (response.status().as_u16(), response.text().await.unwrap())
-}
-
-fn metric_value(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0.0)
-}
-
 #[tokio::test]
 async fn metrics_count_requests_and_latency_per_route() {
     let muster = start_with(with_gateway(ORDERS)).await;
@@ -479,10 +462,9 @@ async fn metrics_count_requests_and_latency_per_route() {
         get(&muster, "/api/orders").await;
     }
     get(&muster, "/api/orders/status/500").await;
-    let (status, text) = metrics_text(&muster).await;
-    assert_eq!(status, 200);
+    let text = muster.metrics().await;
     assert_eq!(
-        metric_value(
+        support::metric(
             &text,
             "muster_gateway_requests_total{route=\"orders\",code=\"200\"}"
         ),
@@ -490,21 +472,21 @@ async fn metrics_count_requests_and_latency_per_route() {
         "{text}"
     );
     assert_eq!(
-        metric_value(
+        support::metric(
             &text,
             "muster_gateway_requests_total{route=\"orders\",code=\"500\"}"
         ),
         1.0
     );
     assert_eq!(
-        metric_value(
+        support::metric(
             &text,
             "muster_gateway_request_duration_seconds_count{route=\"orders\"}"
         ),
         4.0
     );
     assert_eq!(
-        metric_value(
+        support::metric(
             &text,
             "muster_gateway_upstream_errors_total{route=\"orders\",kind=\"status_5xx\"}"
         ),

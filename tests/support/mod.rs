@@ -117,6 +117,13 @@ impl Muster {
         query_tcp(self.dns, &query(name, rtype, Some(1232))).await
     }
 
+    /// The Prometheus text at `GET /metrics`.
+    pub async fn metrics(&self) -> String {
+        let response = self.http.get(self.url("/metrics")).send().await.unwrap();
+        assert!(response.status().is_success());
+        response.text().await.unwrap()
+    }
+
     pub fn reloader(&self) -> muster::Reloader {
         self.running.as_ref().unwrap().reloader()
     }
@@ -376,4 +383,13 @@ pub fn serve(config: &str) -> Served {
         log,
         reader: Some(reader),
     }
+}
+
+/// The value of one `series` (name and labels, as printed) in Prometheus
+/// text; 0 when absent.
+pub fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
 }
