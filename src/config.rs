@@ -42,6 +42,9 @@ pub struct DnsConfig {
     pub tcp_idle_timeout: Duration,
     /// TCP (and DoT) connections served at once; more wait to be accepted.
     pub max_tcp_connections: usize,
+    /// UDP sockets (each its own task) per listen address, sharing the
+    /// port; 0 means one per available core.
+    pub udp_workers: usize,
     /// Hand out only passing instances; by default warning ones serve too.
     pub only_passing: bool,
     /// Most A, AAAA or SRV records in one answer, after rotation; 0: no cap.
@@ -242,6 +245,7 @@ impl Default for DnsConfig {
             negative_ttl: Duration::from_secs(5),
             tcp_idle_timeout: Duration::from_secs(10),
             max_tcp_connections: 1024,
+            udp_workers: 0,
             only_passing: false,
             max_answers: 0,
             reverse: false,

@@ -239,7 +239,11 @@ async fn start_dns(
         address: format!("{:?}", dns.listen),
         source,
     };
-    let listeners = dns::Listeners::bind(&dns.listen)
+    let workers = match dns.udp_workers {
+        0 => std::thread::available_parallelism().map_or(1, usize::from),
+        n => n,
+    };
+    let listeners = dns::Listeners::bind(&dns.listen, workers)
         .await
         .map_err(bind_error)?;
     let addrs = listeners.local_addrs().map_err(bind_error)?;

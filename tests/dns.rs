@@ -1167,3 +1167,24 @@ async fn srv_answers_rotate_within_each_priority_level() {
     assert!(firsts.len() > 1, "the preferred level rotates");
     muster.stop().await;
 }
+
+#[tokio::test]
+async fn every_udp_worker_socket_answers() {
+    let mut config = support::test_config();
+    config.dns.udp_workers = 4;
+    let muster = support::start_with(config).await;
+    muster
+        .register_ok("spread", "s-1", instance("10.15.0.1", 80))
+        .await;
+    // The kernel hashes each client address onto one of the group's
+    // sockets; a socket nobody served would lose about a quarter of these.
+    for _ in 0..40 {
+        let reply = query_udp(
+            muster.dns,
+            &query("spread.svc.internal.", RecordType::A, None),
+        )
+        .await;
+        assert_eq!(addresses(&reply), ips(&["10.15.0.1"]));
+    }
+    muster.stop().await;
+}

@@ -39,22 +39,26 @@ pub use wire::{MAX_UDP_PAYLOAD, Outcome, Reply, answer_request, respond};
 /// Largest datagram read; queries are far smaller, the rest is dropped.
 const RECV_BUFFER: usize = 4096;
 
-/// Bound DNS sockets: UDP and TCP on each configured address.
+/// Bound DNS sockets: on each configured address, one UDP socket per
+/// worker (sharing the port through `SO_REUSEPORT`, so the kernel spreads
+/// queries over them and the cores) and one TCP listener.
 pub struct Listeners {
-    udp: Vec<UdpSocket>,
+    /// Per address, its workers' sockets; the first is the address's own.
+    udp: Vec<Vec<UdpSocket>>,
     tcp: Vec<TcpListener>,
 }
 
 impl Listeners {
-    /// Binds UDP and TCP on every address. With port 0, TCP takes the port
-    /// the kernel gave UDP, so each address is one port for both.
-    pub async fn bind(addresses: &[SocketAddr]) -> io::Result<Self> {
+    /// Binds `udp_workers` UDP sockets (at least one) and a TCP listener on
+    /// every address. With port 0, all take the port the kernel gave the
+    /// first UDP socket, so each address is one port for both.
+    pub async fn bind(addresses: &[SocketAddr], udp_workers: usize) -> io::Result<Self> {
         let mut listeners = Self {
             udp: Vec::new(),
             tcp: Vec::new(),
         };
         for &address in addresses {
-            let (udp, tcp) = bind_pair(address).await?;
+            let (udp, tcp) = bind_group(address, udp_workers.max(1)).await?;
             listeners.udp.push(udp);
             listeners.tcp.push(tcp);
         }
@@ -63,26 +67,54 @@ impl Listeners {
 
     /// The bound addresses, one per configured address.
     pub fn local_addrs(&self) -> io::Result<Vec<SocketAddr>> {
-        self.udp.iter().map(UdpSocket::local_addr).collect()
+        self.udp.iter().map(|group| group[0].local_addr()).collect()
     }
 }
 
-async fn bind_pair(address: SocketAddr) -> io::Result<(UdpSocket, TcpListener)> {
+/// One UDP socket per worker on `address`, and TCP on the same port.
+async fn bind_group(
+    address: SocketAddr,
+    workers: usize,
+) -> io::Result<(Vec<UdpSocket>, TcpListener)> {
     const ATTEMPTS: usize = 16;
     let mut last_error = None;
     for _ in 0..ATTEMPTS {
-        let udp = UdpSocket::bind(address).await?;
-        let bound = udp.local_addr()?;
-        match TcpListener::bind(bound).await {
-            Ok(tcp) => return Ok((udp, tcp)),
+        let first = reuse_port_udp(address)?;
+        let bound = first.local_addr()?;
+        let tcp = match TcpListener::bind(bound).await {
+            Ok(tcp) => tcp,
             // Only an ephemeral port can be retried on another number.
             Err(e) if address.port() == 0 && e.kind() == io::ErrorKind::AddrInUse => {
                 last_error = Some(e);
+                continue;
             }
             Err(e) => return Err(e),
+        };
+        let mut group = vec![first];
+        for _ in 1..workers {
+            group.push(reuse_port_udp(bound)?);
         }
+        return Ok((group, tcp));
     }
     Err(last_error.unwrap_or_else(|| io::Error::other("no free port")))
+}
+
+/// A non-blocking UDP socket on `address` that others of this process
+/// may share (`SO_REUSEPORT`; Linux only lets the same user join).
+fn reuse_port_udp(address: SocketAddr) -> io::Result<UdpSocket> {
+    use socket2::{Domain, Protocol as IpProtocol, Socket, Type};
+    let socket = Socket::new(
+        Domain::for_address(address),
+        Type::DGRAM,
+        Some(IpProtocol::UDP),
+    )?;
+    socket.set_reuse_port(true)?;
+    if address.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&address.into())?;
+    UdpSocket::from_std(socket.into())
 }
 
 /// Serves DNS on `listeners` until `shutdown` is cancelled.
@@ -106,7 +138,7 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> io::Result<()> {
     let mut tasks = JoinSet::new();
-    for socket in listeners.udp {
+    for socket in listeners.udp.into_iter().flatten() {
         let (authority, metrics, rrl) = (authority.clone(), metrics.clone(), rrl.clone());
         tasks.spawn(serve_udp(socket, authority, metrics, rrl, shutdown.clone()));
     }
