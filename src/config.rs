@@ -421,9 +421,14 @@ impl Config {
 
     /// The registry zone as an absolute, lowercase name (`svc.internal.`).
     pub fn zone_fqdn(&self) -> String {
-        let zone = self.dns.zone.trim_end_matches('.').to_ascii_lowercase();
-        format!("{zone}.")
+        fqdn(&self.dns.zone)
     }
+}
+
+/// A zone name as an absolute, lowercase name: `Example.internal` →
+/// `example.internal.`.
+pub fn fqdn(zone: &str) -> String {
+    format!("{}.", zone.trim_end_matches('.').to_ascii_lowercase())
 }
 
 /// DNS TTLs are whole seconds that fit in 31 bits (RFC 2181 §8).
