@@ -147,7 +147,7 @@ impl DnsDiscovery {
     fn srv_name(&self, route: &Route) -> Option<Name> {
         let relative = match &route.port {
             Some(port) => format!("_{port}._tcp.{}", route.service),
-            None => route.service.clone(),
+            None => route.service.to_string(),
         };
         Name::from_ascii(relative)
             .ok()?

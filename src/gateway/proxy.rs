@@ -45,11 +45,12 @@ impl Failure {
 struct Completion {
     gateway: Arc<Gateway>,
     route: Arc<str>,
-    service: String,
+    service: Arc<str>,
     instance: Option<Arc<str>>,
     status: u16,
     method: Method,
-    path: String,
+    /// Shares the request's bytes; no copy.
+    uri: Uri,
     request_id: HeaderValue,
     started: Instant,
 }
@@ -64,7 +65,7 @@ impl Completion {
             instance = %self.instance.as_deref().unwrap_or("-"),
             status = self.status,
             method = %self.method,
-            path = %self.path,
+            path = %self.uri.path(),
             bytes,
             latency_ms = seconds * 1000.0,
             request_id = %self.request_id.to_str().unwrap_or("-"),
@@ -150,7 +151,7 @@ pub async fn handle(
     let policy = gateway.policy.load_full();
     let host = request_host(&request);
     let found = policy.table.find(
-        host.as_deref(),
+        host,
         request.uri().path(),
         request.method(),
         request.headers(),
@@ -162,7 +163,7 @@ pub async fn handle(
         instance: None,
         status: 0,
         method: request.method().clone(),
-        path: request.uri().path().to_string(),
+        uri: request.uri().clone(),
         request_id: request_id.clone(),
         started,
     };
@@ -193,13 +194,12 @@ pub async fn handle(
 }
 
 /// Host as the client addressed it (HTTP/1 Host or HTTP/2 authority).
-fn request_host(request: &Request<Incoming>) -> Option<String> {
+fn request_host(request: &Request<Incoming>) -> Option<&str> {
     request
         .headers()
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
-        .map(str::to_string)
-        .or_else(|| request.uri().authority().map(|a| a.to_string()))
+        .or_else(|| request.uri().authority().map(|a| a.as_str()))
 }
 
 fn is_idempotent(method: &Method) -> bool {

@@ -37,7 +37,7 @@ pub struct Route {
     path_prefix: String,
     methods: Option<Vec<Method>>,
     headers: Vec<(HeaderName, HeaderValue)>,
-    pub service: String,
+    pub service: Arc<str>,
     pub port: Option<String>,
     rewrite: Rewrite,
     pub host_rewrite: Option<HeaderValue>,
@@ -76,11 +76,11 @@ impl RouteTable {
         method: &Method,
         headers: &HeaderMap,
     ) -> Option<(usize, &Arc<Route>)> {
-        let host = host.map(normalize_host);
+        let host = host.map(host_name);
         self.routes
             .iter()
             .enumerate()
-            .find(|(_, r)| r.matches(host.as_deref(), path, method, headers))
+            .find(|(_, r)| r.matches(host, path, method, headers))
     }
 
     pub fn routes(&self) -> &[Arc<Route>] {
@@ -128,7 +128,7 @@ impl Route {
             path_prefix: trim_slash(&config.path_prefix),
             methods,
             headers,
-            service: config.service.to_ascii_lowercase(),
+            service: config.service.to_ascii_lowercase().into(),
             port: config.port.as_ref().map(|p| p.to_ascii_lowercase()),
             rewrite,
             host_rewrite: config
@@ -170,9 +170,11 @@ impl Route {
     ) -> bool {
         let host_ok = match (&self.host, host) {
             (HostMatch::Any, _) => true,
-            (HostMatch::Exact(want), Some(host)) => host == want,
+            (HostMatch::Exact(want), Some(host)) => host.eq_ignore_ascii_case(want),
             (HostMatch::Suffix(suffix), Some(host)) => {
-                host.len() > suffix.len() && host.ends_with(suffix.as_str())
+                host.len() > suffix.len()
+                    && host.as_bytes()[host.len() - suffix.len()..]
+                        .eq_ignore_ascii_case(suffix.as_bytes())
             }
             (_, None) => false,
         };
@@ -225,14 +227,15 @@ fn trim_slash(prefix: &str) -> String {
     prefix.trim_end_matches('/').to_string()
 }
 
-/// The Host without a port, lowercased (`[::1]:80` keeps its brackets).
-fn normalize_host(host: &str) -> String {
+/// The Host without its port and trailing dot (`[::1]:80` keeps its
+/// brackets); borrowed, compared case-insensitively.
+fn host_name(host: &str) -> &str {
     let name = if host.starts_with('[') {
         host.split_inclusive(']').next().unwrap_or(host)
     } else {
         host.split(':').next().unwrap_or(host)
     };
-    name.trim_end_matches('.').to_ascii_lowercase()
+    name.trim_end_matches('.')
 }
 
 /// Checks a route's keys; errors name the key within the route.
