@@ -15,7 +15,7 @@ use hickory_proto::rr::{DNSClass, LowerName, Name, RData, Record, RecordType};
 
 use super::names::{RegistryName, classify};
 use super::zones::{Lookup, StaticZone, ZoneSet};
-use crate::registry::{Endpoint, Instance, PortSelector, Registry, Service};
+use crate::registry::{Endpoint, Instance, PortSelector, Registry, Service, Snapshot};
 
 /// The sections of a response, before encoding.
 #[derive(Debug, Clone, PartialEq)]
@@ -25,6 +25,8 @@ pub struct Answer {
     pub answers: Vec<Record>,
     pub authorities: Vec<Record>,
     pub additionals: Vec<Record>,
+    /// How the answers may be reordered and capped per query.
+    pub rotation: Rotation,
 }
 
 impl Answer {
@@ -36,8 +38,91 @@ impl Answer {
             answers: Vec::new(),
             authorities: Vec::new(),
             additionals: Vec::new(),
+            rotation: Rotation::default(),
         }
     }
+
+    /// This answer as turn `turn` of its rotation hands it out, keeping at
+    /// most `cap` rotating answers (0: all).
+    pub fn arranged(mut self, turn: usize, cap: usize) -> Self {
+        if self.rotation.levels.is_empty() {
+            return self;
+        }
+        let order: Vec<usize> = self.rotation.order(turn, cap).collect();
+        self.answers = order.iter().map(|&i| self.answers[i].clone()).collect();
+        if self.rotation.paired {
+            self.additionals = order.iter().map(|&i| self.additionals[i].clone()).collect();
+        }
+        self.rotation = Rotation::default();
+        self
+    }
+}
+
+/// Which answers rotate: runs of answers (levels) that each rotate on
+/// their own. An address answer is one level; SRV answers have one per
+/// priority, in ascending order, so rotation never promotes a backup and
+/// a cap keeps the preferred level. Both the per-query path and the
+/// pre-encoded answers of the UDP cache arrange records with [`order`].
+///
+/// [`order`]: Rotation::order
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Rotation {
+    /// Lengths of consecutive runs of answers; empty: a fixed order.
+    pub levels: Vec<usize>,
+    /// Additional record `i` belongs to answer `i` (an SRV target's
+    /// address) and follows it when answers move or are capped.
+    pub paired: bool,
+}
+
+impl Rotation {
+    /// The answers' indices in turn `turn`, at most `cap` of them (0: all).
+    pub fn order(&self, turn: usize, cap: usize) -> impl Iterator<Item = usize> + '_ {
+        let limit = if cap == 0 { usize::MAX } else { cap };
+        self.levels
+            .iter()
+            .scan(0, |start, &length| {
+                let first = *start;
+                *start += length;
+                Some((first, length))
+            })
+            .flat_map(move |(first, length)| (0..length).map(move |i| first + (i + turn) % length))
+            .take(limit)
+    }
+}
+
+/// What a prepared answer was computed from, so a cached copy can tell
+/// whether it still holds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Validity {
+    /// The static zones' generation (bumped on every reload).
+    pub zones: u64,
+    pub scope: Scope,
+}
+
+/// The part of the registry an answer depends on.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Scope {
+    /// Static zone data only.
+    Zones,
+    /// One service's name and the version it last changed at (`None`:
+    /// it did not exist).
+    Service(Arc<str>, Option<u64>),
+    /// The whole registry at this version (reverse names).
+    Registry(u64),
+}
+
+/// An answer in its canonical order, with what it depends on.
+#[derive(Debug)]
+pub struct Prepared {
+    pub answer: Answer,
+    pub validity: Validity,
+}
+
+/// The static zones being served, and which reload they came from.
+#[derive(Default)]
+struct ServedZones {
+    set: ZoneSet,
+    generation: u64,
 }
 
 /// Records found for a name that exists; empty answers mean NODATA.
@@ -45,6 +130,7 @@ impl Answer {
 struct Found {
     answers: Vec<Record>,
     additionals: Vec<Record>,
+    rotation: Rotation,
 }
 
 /// How registry records are named, timed and bounded.
@@ -72,7 +158,7 @@ const REVERSE_ZONES: [&str; 2] = ["in-addr.arpa.", "ip6.arpa."];
 pub struct Authority {
     registry: Arc<Registry>,
     /// Replaced whole on reload; readers never lock.
-    zones: ArcSwap<ZoneSet>,
+    zones: ArcSwap<ServedZones>,
     origin: Name,
     lower_origin: LowerName,
     ttl: u32,
@@ -138,26 +224,87 @@ impl Authority {
                 ));
             }
         }
-        self.zones.store(Arc::new(zones));
+        let generation = self.zones.load().generation + 1;
+        self.zones.store(Arc::new(ServedZones {
+            set: zones,
+            generation,
+        }));
     }
 
-    /// Answers `query` as an authoritative server. `ANY` gets one
-    /// synthesized HINFO record for a name that exists (RFC 8482), so it
-    /// cannot be used to amplify.
+    /// Most rotating answers per response (0: no cap).
+    pub fn max_answers(&self) -> usize {
+        self.max_answers
+    }
+
+    /// The registry snapshot answers are computed from right now.
+    pub fn snapshot(&self) -> arc_swap::Guard<Arc<Snapshot>> {
+        self.registry.load()
+    }
+
+    /// The generation of the static zones being served.
+    pub fn zones_generation(&self) -> u64 {
+        self.zones.load().generation
+    }
+
+    /// Whether an answer prepared under `validity` still holds at
+    /// `snapshot` and `zones_generation`.
+    pub fn still_valid(validity: &Validity, snapshot: &Snapshot, zones_generation: u64) -> bool {
+        validity.zones == zones_generation
+            && match &validity.scope {
+                Scope::Zones => true,
+                Scope::Service(name, index) => snapshot.service(name).map(|s| s.index()) == *index,
+                Scope::Registry(version) => *version == snapshot.version(),
+            }
+    }
+
+    /// Answers `query` as an authoritative server, rotated by this
+    /// authority's own turn counter. `ANY` gets one synthesized HINFO
+    /// record for a name that exists (RFC 8482), so it cannot be used to
+    /// amplify.
     pub fn answer(&self, query: &LowerQuery) -> Answer {
+        let answer = self.prepare(query).answer;
+        if answer.rotation.levels.is_empty() {
+            return answer;
+        }
+        let turn = self.rotation.fetch_add(1, Ordering::Relaxed);
+        answer.arranged(turn, self.max_answers)
+    }
+
+    /// The answer to `query` in canonical order (not yet rotated or
+    /// capped), and what it was computed from.
+    pub fn prepare(&self, query: &LowerQuery) -> Prepared {
+        let zones = self.zones.load();
+        let snapshot = self.registry.load();
+        let mut validity = Validity {
+            zones: zones.generation,
+            scope: Scope::Zones,
+        };
+        let answer = self.answer_at(&zones.set, &snapshot, query, &mut validity.scope);
+        Prepared { answer, validity }
+    }
+
+    /// The answer from `zones` and `snapshot`, noting in `scope` what of
+    /// the registry it read.
+    fn answer_at(
+        &self,
+        zones: &ZoneSet,
+        snapshot: &Snapshot,
+        query: &LowerQuery,
+        scope: &mut Scope,
+    ) -> Answer {
         if query.query_class() != DNSClass::IN {
             return Answer::error(ResponseCode::Refused);
         }
         let name = query.name();
-        let zones = self.zones.load();
         let Some(zone) = zones.find(name) else {
             return Answer::error(ResponseCode::Refused);
         };
         let rtype = query.query_type();
         let found = if zone.origin() == &self.lower_origin {
-            self.registry_records(name, rtype)
+            self.registry_records(snapshot, name, rtype, scope)
         } else if let Some((origin, ipv4)) = self.reverse.iter().find(|(o, _)| o == zone.origin()) {
-            self.reverse_records(origin, *ipv4, name, rtype)
+            *scope = Scope::Registry(snapshot.version());
+            self.reverse_records(snapshot, origin, *ipv4, name, rtype)
         } else {
             None
         };
@@ -181,6 +328,7 @@ impl Authority {
             .any(|(zone, peers)| zone == name && peers.iter().any(|p| p.contains(&peer)));
         let zones = self.zones.load();
         let zone = zones
+            .set
             .get(name)
             .filter(|_| allowed && *name != self.lower_origin);
         match zone {
@@ -190,6 +338,7 @@ impl Authority {
                 answers: zone.transfer(),
                 authorities: Vec::new(),
                 additionals: Vec::new(),
+                rotation: Rotation::default(),
             },
             None => Answer::error(ResponseCode::Refused),
         }
@@ -204,6 +353,7 @@ impl Authority {
             answers: vec![Record::from_rdata(Name::from(name), self.ttl, hinfo)],
             authorities: Vec::new(),
             additionals: Vec::new(),
+            rotation: Rotation::default(),
         }
     }
 
@@ -212,6 +362,7 @@ impl Authority {
     /// address nobody registered `None` (NXDOMAIN from the zone).
     fn reverse_records(
         &self,
+        snapshot: &Snapshot,
         origin: &LowerName,
         ipv4: bool,
         name: &LowerName,
@@ -224,7 +375,6 @@ impl Authority {
             ReverseName::Partial => return Some(Found::default()),
             ReverseName::Invalid => return None,
         };
-        let snapshot = self.registry.load();
         let registered = snapshot.instances_at(&address);
         if registered.is_empty() {
             return None;
@@ -241,12 +391,19 @@ impl Authority {
             .collect();
         Some(Found {
             answers,
-            additionals: Vec::new(),
+            ..Found::default()
         })
     }
 
-    /// `None` when the registry does not know the name.
-    fn registry_records(&self, name: &LowerName, rtype: RecordType) -> Option<Found> {
+    /// `None` when the registry does not know the name. Notes in `scope`
+    /// the service the name belongs to.
+    fn registry_records(
+        &self,
+        snapshot: &Snapshot,
+        name: &LowerName,
+        rtype: RecordType,
+        scope: &mut Scope,
+    ) -> Option<Found> {
         let relative = usize::from(name.num_labels() - self.lower_origin.num_labels());
         let labels: Vec<&str> = name
             .iter()
@@ -254,9 +411,16 @@ impl Authority {
             .map(std::str::from_utf8)
             .collect::<Result<_, _>>()
             .ok()?;
-        let snapshot = self.registry.load();
         let owner = Name::from(name);
-        match classify(&labels) {
+        let classified = classify(&labels);
+        if let Some(service) = classified.service() {
+            let found = snapshot.service(service);
+            *scope = Scope::Service(
+                found.map_or_else(|| Arc::from(service), |s| s.shared_name()),
+                found.map(|s| s.index()),
+            );
+        }
+        match classified {
             RegistryName::Apex | RegistryName::Other => None,
             RegistryName::Service(service) => {
                 let service = snapshot.service(service)?;
@@ -313,10 +477,9 @@ impl Authority {
         let endpoints = service.endpoints(PortSelector::Default, tags);
         match rtype {
             RecordType::SRV => self.srv(owner, endpoints),
-            RecordType::A | RecordType::AAAA | RecordType::ANY => Found {
-                answers: self.addresses(owner, rtype, endpoints.map(|e| e.instance.address)),
-                additionals: Vec::new(),
-            },
+            RecordType::A | RecordType::AAAA | RecordType::ANY => {
+                self.addresses(owner, rtype, endpoints.map(|e| e.instance.address))
+            }
             _ => Found::default(),
         }
     }
@@ -354,7 +517,7 @@ impl Authority {
                 self.ttl,
                 RData::TXT(TXT::new(strings)),
             )],
-            additionals: Vec::new(),
+            ..Found::default()
         })
     }
 
@@ -366,19 +529,17 @@ impl Authority {
         rtype: RecordType,
     ) -> Found {
         let addresses = service.serves(instance).then_some(instance.address);
-        Found {
-            answers: self.addresses(owner, rtype, addresses.into_iter()),
-            additionals: Vec::new(),
-        }
+        self.addresses(owner, rtype, addresses.into_iter())
     }
 
-    /// A and/or AAAA records (as `rtype` asks) for distinct addresses, rotated.
+    /// A and/or AAAA records (as `rtype` asks) for distinct addresses, in
+    /// address order, all in one rotating level.
     fn addresses(
         &self,
         owner: &Name,
         rtype: RecordType,
         addresses: impl Iterator<Item = IpAddr>,
-    ) -> Vec<Record> {
+    ) -> Found {
         let mut wanted: Vec<IpAddr> = addresses
             .filter(|ip| match rtype {
                 RecordType::A => ip.is_ipv4(),
@@ -389,21 +550,27 @@ impl Authority {
             .collect();
         wanted.sort_unstable();
         wanted.dedup();
-        self.rotate(&mut wanted);
-        self.cap(&mut wanted);
-        wanted
-            .into_iter()
-            .map(|ip| address_record(owner.clone(), ip, self.ttl))
-            .collect()
+        Found {
+            rotation: Rotation {
+                levels: vec![wanted.len()],
+                paired: false,
+            },
+            answers: wanted
+                .into_iter()
+                .map(|ip| address_record(owner.clone(), ip, self.ttl))
+                .collect(),
+            additionals: Vec::new(),
+        }
     }
 
-    /// SRV records for `endpoints`, rotated, with their targets' addresses
-    /// as additional records.
+    /// SRV records for `endpoints` in ascending priority (one rotating
+    /// level per priority), each with its target's address as the
+    /// additional record paired with it.
     fn srv<'a>(&self, owner: &Name, endpoints: impl Iterator<Item = Endpoint<'a>>) -> Found {
         let mut endpoints: Vec<Endpoint<'a>> = endpoints.collect();
-        self.rotate_within_priority(&mut endpoints);
-        self.cap(&mut endpoints);
+        endpoints.sort_by_key(|e| e.instance.priority);
         let mut found = Found::default();
+        let mut priorities = Vec::with_capacity(endpoints.len());
         for endpoint in endpoints {
             let Some(target) = self.target(endpoint.instance) else {
                 continue;
@@ -415,6 +582,7 @@ impl Authority {
                 endpoint.port,
                 target.clone(),
             );
+            priorities.push(instance.priority);
             found
                 .answers
                 .push(Record::from_rdata(owner.clone(), self.ttl, RData::SRV(srv)));
@@ -422,6 +590,13 @@ impl Authority {
                 .additionals
                 .push(address_record(target, instance.address, self.ttl));
         }
+        found.rotation = Rotation {
+            levels: priorities
+                .chunk_by(|a, b| a == b)
+                .map(<[u16]>::len)
+                .collect(),
+            paired: true,
+        };
         found
     }
 
@@ -430,33 +605,6 @@ impl Authority {
         Name::from_labels([instance.id.as_bytes(), instance.service.as_bytes()])
             .and_then(|n| n.append_domain(&self.origin))
             .ok()
-    }
-
-    /// Keeps at most `max_answers` (after rotation, so every instance
-    /// still gets its turn).
-    fn cap<T>(&self, items: &mut Vec<T>) {
-        if self.max_answers > 0 {
-            items.truncate(self.max_answers);
-        }
-    }
-
-    /// SRV records in ascending priority, each level rotated on its own,
-    /// so a cap keeps the preferred level and rotation never promotes a
-    /// backup.
-    fn rotate_within_priority(&self, endpoints: &mut [Endpoint<'_>]) {
-        endpoints.sort_by_key(|e| e.instance.priority);
-        let turn = self.rotation.fetch_add(1, Ordering::Relaxed);
-        for level in endpoints.chunk_by_mut(|a, b| a.instance.priority == b.instance.priority) {
-            let length = level.len();
-            level.rotate_left(turn % length);
-        }
-    }
-
-    fn rotate<T>(&self, items: &mut [T]) {
-        if items.len() > 1 {
-            let turn = self.rotation.fetch_add(1, Ordering::Relaxed);
-            items.rotate_left(turn % items.len());
-        }
     }
 }
 
@@ -521,6 +669,7 @@ fn positive(zone: &StaticZone, found: Found) -> Answer {
         answers: found.answers,
         authorities: Vec::new(),
         additionals: found.additionals,
+        rotation: found.rotation,
     }
 }
 
@@ -532,6 +681,7 @@ fn static_records(zone: &StaticZone, name: &LowerName, rtype: RecordType) -> Ans
             additionals: glue(zone, &records),
             answers: records.into_iter().cloned().collect(),
             authorities: Vec::new(),
+            rotation: Rotation::default(),
         },
         Lookup::NoData => negative(zone, ResponseCode::NoError),
         Lookup::NxDomain => negative(zone, ResponseCode::NXDomain),
@@ -570,5 +720,6 @@ fn negative(zone: &StaticZone, rcode: ResponseCode) -> Answer {
         answers: Vec::new(),
         authorities: vec![soa],
         additionals: Vec::new(),
+        rotation: Rotation::default(),
     }
 }

@@ -36,6 +36,21 @@ pub enum RegistryName<'a> {
     Other,
 }
 
+impl<'a> RegistryName<'a> {
+    /// The service the name belongs to, if any.
+    pub fn service(&self) -> Option<&'a str> {
+        match self {
+            Self::Service(service)
+            | Self::Instance { service, .. }
+            | Self::Port { service, .. }
+            | Self::ProtocolNode { service, .. }
+            | Self::Tagged { service, .. }
+            | Self::GrpcConfig(service) => Some(service),
+            Self::Apex | Self::Other => None,
+        }
+    }
+}
+
 /// The label that introduces tag names.
 pub const TAG_LABEL: &str = "tag";
 /// The label gRPC's DNS resolver prefixes to find a service config.

@@ -41,6 +41,11 @@ impl Service {
         &self.name
     }
 
+    /// The name, shared rather than copied.
+    pub fn shared_name(&self) -> Arc<str> {
+        self.name.clone()
+    }
+
     pub fn index(&self) -> u64 {
         self.index
     }
