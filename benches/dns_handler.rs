@@ -1,6 +1,7 @@
 //! The DNS handler alone: query bytes in, response bytes out, as the UDP
 //! loop calls it. A, SRV and NXDOMAIN at 10 and 10,000 registered
-//! services of 3 instances each.
+//! services of 3 instances each, through the general path (`respond`) and
+//! through a UDP worker's cache of encoded answers (`cached`, warm).
 
 use std::hint::black_box;
 use std::net::SocketAddr;
@@ -10,6 +11,7 @@ use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_m
 use hickory_proto::op::{Edns, Message, Query};
 use hickory_proto::rr::{Name, RecordType};
 use hickory_server::net::xfer::Protocol;
+use muster::dns::cache::AnswerCache;
 use muster::dns::zones::ZoneSet;
 use muster::dns::{Authority, RegistryZone, respond};
 use muster::registry::{Change, InstanceSpec, Registry};
@@ -86,6 +88,16 @@ fn handler(c: &mut Criterion) {
             group.bench_with_input(BenchmarkId::new(*label, services), bytes, |b, bytes| {
                 b.iter(|| respond(&authority, black_box(bytes), client, Protocol::Udp, None))
             });
+            let mut cache = AnswerCache::new();
+            let mut out = Vec::with_capacity(1232);
+            let id = BenchmarkId::new(format!("{label} cached"), services);
+            group.bench_with_input(id, bytes, |b, bytes| {
+                b.iter(|| cache.respond(&authority, black_box(bytes), client, None, &mut out))
+            });
+            assert!(
+                cache.len() == 1 && !out.is_empty(),
+                "answered from the cache"
+            );
         }
     }
     group.finish();

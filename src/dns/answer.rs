@@ -116,6 +116,8 @@ pub enum Scope {
 pub struct Prepared {
     pub answer: Answer,
     pub validity: Validity,
+    /// The registry version it was computed at.
+    pub version: u64,
 }
 
 /// The static zones being served, and which reload they came from.
@@ -280,7 +282,11 @@ impl Authority {
             scope: Scope::Zones,
         };
         let answer = self.answer_at(&zones.set, &snapshot, query, &mut validity.scope);
-        Prepared { answer, validity }
+        Prepared {
+            answer,
+            validity,
+            version: snapshot.version(),
+        }
     }
 
     /// The answer from `zones` and `snapshot`, noting in `scope` what of

@@ -1,13 +1,16 @@
 //! Authoritative DNS for the registry zone and the static zones.
 //!
 //! Owns the naming scheme (`names`), static zone files (`zones`), the
-//! answer logic (`answer`), the wire rules (`wire`) and the listeners:
+//! answer logic (`answer`), the wire rules (`wire`), the per-worker cache
+//! of encoded answers that most UDP queries are served from (`cache`), and
+//! the listeners:
 //! muster's own UDP loop per socket and TCP accept loop (so connections
 //! can be capped and idle ones closed), and hickory-server's `Server` for
 //! DNS over TLS. Answers are computed from the current registry snapshot;
 //! this module never writes to the registry and never blocks on it.
 
 mod answer;
+pub mod cache;
 mod handler;
 pub mod names;
 pub mod rrl;
@@ -33,7 +36,7 @@ use crate::telemetry::Metrics;
 use rrl::Rrl;
 use tcp::TcpContext;
 
-pub use answer::{Answer, Authority, RegistryZone};
+pub use answer::{Answer, Authority, Prepared, RegistryZone, Rotation, Scope, Validity};
 pub use wire::{MAX_UDP_PAYLOAD, Outcome, Reply, answer_request, respond};
 
 /// Largest datagram read; queries are far smaller, the rest is dropped.
@@ -171,7 +174,8 @@ pub async fn serve(
 }
 
 /// One socket's receive–answer–send loop. Answering is pure CPU work on a
-/// snapshot, so it runs inline: no task per query.
+/// snapshot, so it runs inline: no task per query. Queries of the common
+/// shape are answered from this worker's own [`cache::AnswerCache`].
 async fn serve_udp(
     socket: UdpSocket,
     authority: Arc<Authority>,
@@ -180,6 +184,8 @@ async fn serve_udp(
     shutdown: CancellationToken,
 ) -> io::Result<()> {
     let mut buffer = vec![0u8; RECV_BUFFER];
+    let mut cache = cache::AnswerCache::new();
+    let mut out = Vec::with_capacity(usize::from(MAX_UDP_PAYLOAD));
     loop {
         let received = tokio::select! {
             received = socket.recv_from(&mut buffer) => received,
@@ -198,14 +204,23 @@ async fn serve_udp(
         }
         let received = std::time::Instant::now();
         let query = &buffer[..length];
-        let Some(reply) = respond(&authority, query, peer, Protocol::Udp, rrl.as_deref()) else {
-            continue;
+        let rrl = rrl.as_deref();
+        let outcome = match cache.respond(&authority, query, peer, rrl, &mut out) {
+            Some(outcome) => outcome,
+            None => {
+                let Some(reply) = respond(&authority, query, peer, Protocol::Udp, rrl) else {
+                    continue;
+                };
+                out.clear();
+                out.extend_from_slice(&reply.bytes);
+                reply.outcome
+            }
         };
-        if !reply.bytes.is_empty()
-            && let Err(error) = socket.send_to(&reply.bytes, peer).await
+        if !out.is_empty()
+            && let Err(error) = socket.send_to(&out, peer).await
         {
             debug!(error = %error, peer = %peer, "dns udp send failed");
         }
-        metrics.record_dns("udp", &reply.outcome, received.elapsed());
+        metrics.record_dns("udp", &outcome, received.elapsed());
     }
 }

@@ -1,0 +1,455 @@
+//! Pre-encoded answers: the UDP fast path.
+//!
+//! Each UDP worker owns an [`AnswerCache`] of answers per question (name,
+//! type, class), encoded once into wire bytes. A query of the common shape
+//! (one question, no records but an optional OPT) is answered by copying
+//! its own ID, flags and question (so the client's letter case survives)
+//! and then the cached records in this turn's rotation; no `Message` is
+//! decoded or built. Every hit is checked against the current snapshot and
+//! static zones: a change to one service invalidates that service's
+//! answers only. Queries of any other shape, and answers the cache cannot
+//! hold, go the general way (`wire::respond`), which the cache must match
+//! record for record.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+
+use hickory_proto::op::{LowerQuery, Query, ResponseCode};
+use hickory_proto::rr::{LowerName, Record, RecordType};
+use hickory_proto::serialize::binary::{BinDecodable, BinDecoder, BinEncodable, BinEncoder};
+
+use super::answer::{Answer, Authority, Rotation, Validity};
+use super::rrl::{Decision, Rrl};
+use super::wire::{CLASSIC_UDP_PAYLOAD, MAX_UDP_PAYLOAD, Outcome};
+use crate::registry::Snapshot;
+
+/// Entries one worker keeps before it starts over, so a flood of distinct
+/// names cannot grow memory without bound.
+const MAX_ENTRIES: usize = 1 << 18;
+/// Length of the DNS header.
+const HEADER: usize = 12;
+/// The OPT record of every EDNS response: root owner, type 41, muster's
+/// payload size, extended rcode 0, version 0, no flags, no options.
+const OPT_RECORD: [u8; 11] = {
+    let size = MAX_UDP_PAYLOAD.to_be_bytes();
+    [0, 0, 41, size[0], size[1], 0, 0, 0, 0, 0, 0]
+};
+/// EDNS options hickory decodes by content (NSID, client subnet): a query
+/// carrying one goes the general way, which may reject it.
+const DECODED_OPTIONS: [u16; 2] = [3, 8];
+
+/// One worker's cache of encoded answers.
+pub struct AnswerCache {
+    entries: HashMap<Box<[u8]>, Entry>,
+    /// The lowercased question of the query being answered.
+    key: Vec<u8>,
+    /// Advances on every rotating answer this worker sends.
+    turn: usize,
+}
+
+/// A query of the common shape, read in place.
+struct SimpleQuery<'a> {
+    bytes: &'a [u8],
+    /// Where the question section (name, type, class) ends.
+    question_end: usize,
+    qtype: u16,
+    /// The client's UDP payload size, when it sent OPT.
+    edns_payload: Option<u16>,
+}
+
+/// A cached answer: its records as wire bytes, laid out so that only the
+/// question precedes them when they were encoded.
+struct Entry {
+    records: Records,
+    rcode: ResponseCode,
+    authoritative: bool,
+    validity: Validity,
+    /// The snapshot version this entry was last found valid at.
+    checked: u64,
+    /// The question's name, for response rate limiting.
+    name: LowerName,
+}
+
+enum Records {
+    /// Answers and authorities in one block, then additionals (dropped
+    /// first when the response would be too big). Names inside may point
+    /// at each other: the blocks never move.
+    Fixed {
+        main: Box<[u8]>,
+        additionals: Box<[u8]>,
+        counts: [u16; 3],
+    },
+    /// Answers that rotate, each encoded on its own after the question so
+    /// it can go anywhere (A, AAAA and SRV carry no name that could point
+    /// into another record), followed by their paired additionals.
+    Rotating {
+        bytes: Box<[u8]>,
+        /// Where each record ends in `bytes`: answers, then additionals.
+        ends: Box<[u32]>,
+        answers: usize,
+        rotation: Rotation,
+    },
+}
+
+impl Default for AnswerCache {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl AnswerCache {
+    pub fn new() -> Self {
+        Self {
+            entries: HashMap::new(),
+            key: Vec::with_capacity(260),
+            turn: 0,
+        }
+    }
+
+    /// Writes the response to `query` from `peer` into `out`. `None` when
+    /// the query must go the general way; an empty `out` when rate
+    /// limiting dropped the answer.
+    pub fn respond(
+        &mut self,
+        authority: &Authority,
+        query: &[u8],
+        peer: SocketAddr,
+        rrl: Option<&Rrl>,
+        out: &mut Vec<u8>,
+    ) -> Option<Outcome> {
+        let parsed = SimpleQuery::parse(query, &mut self.key)?;
+        let snapshot = authority.snapshot();
+        let zones = authority.zones_generation();
+        let fresh = self
+            .entries
+            .get_mut(self.key.as_slice())
+            .is_some_and(|entry| entry.is_fresh(&snapshot, zones));
+        if !fresh {
+            let entry = Entry::prepare(authority, &parsed)?;
+            if self.entries.len() >= MAX_ENTRIES {
+                self.entries.clear();
+            }
+            self.entries.insert(self.key.as_slice().into(), entry);
+        }
+        let entry = self.entries.get(self.key.as_slice())?;
+        let decision = rrl.map(|rrl| {
+            let qtype = RecordType::from(parsed.qtype);
+            rrl.decide(peer.ip(), &entry.name, qtype, entry.rcode)
+        });
+        out.clear();
+        let truncated = match decision {
+            Some(Decision::Drop) => false,
+            Some(Decision::Slip) => {
+                parsed.write_truncated(entry, out);
+                true
+            }
+            _ => {
+                if matches!(entry.records, Records::Rotating { .. }) {
+                    self.turn = self.turn.wrapping_add(1);
+                }
+                parsed.write(entry, self.turn, authority.max_answers(), out)
+            }
+        };
+        Some(Outcome {
+            qtype: Some(RecordType::from(parsed.qtype)),
+            rcode: entry.rcode,
+            truncated,
+            rrl: decision,
+        })
+    }
+
+    /// Answers held.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+impl<'a> SimpleQuery<'a> {
+    /// Reads `bytes` if it is a standard query with one question and at
+    /// most an OPT record (EDNS version 0), writing the question, name
+    /// lowercased, into `key`.
+    fn parse(bytes: &'a [u8], key: &mut Vec<u8>) -> Option<Self> {
+        let header = bytes.get(..HEADER)?;
+        // QR, opcode and TC must all be zero.
+        if header[2] & 0b1111_1010 != 0 {
+            return None;
+        }
+        let count = |at: usize| u16::from_be_bytes([header[at], header[at + 1]]);
+        if count(4) != 1 || count(6) != 0 || count(8) != 0 || count(10) > 1 {
+            return None;
+        }
+        key.clear();
+        let mut at = HEADER;
+        loop {
+            let length = usize::from(*bytes.get(at)?);
+            key.push(length as u8);
+            at += 1;
+            if length == 0 {
+                break;
+            }
+            // Compression pointers and extended label types are not for
+            // a question; the general path can say so.
+            if length > 63 || at + length - HEADER > 255 {
+                return None;
+            }
+            let label = bytes.get(at..at + length)?;
+            key.extend(label.iter().map(u8::to_ascii_lowercase));
+            at += length;
+        }
+        let fixed = bytes.get(at..at + 4)?;
+        key.extend_from_slice(fixed);
+        let qtype = u16::from_be_bytes([fixed[0], fixed[1]]);
+        if matches!(RecordType::from(qtype), RecordType::AXFR | RecordType::IXFR) {
+            return None;
+        }
+        let question_end = at + 4;
+        let rest = &bytes[question_end..];
+        let edns_payload = match count(10) {
+            0 if rest.is_empty() => None,
+            1 => Some(read_opt(rest)?),
+            _ => return None,
+        };
+        Some(Self {
+            bytes,
+            question_end,
+            qtype,
+            edns_payload,
+        })
+    }
+
+    /// The largest response this client takes over UDP.
+    fn limit(&self) -> usize {
+        usize::from(self.edns_payload.map_or(CLASSIC_UDP_PAYLOAD, |size| {
+            size.clamp(CLASSIC_UDP_PAYLOAD, MAX_UDP_PAYLOAD)
+        }))
+    }
+
+    /// The response header (with `counts` for answers, authorities and
+    /// additionals, OPT not included) and the question, into `out`.
+    fn write_head(&self, entry: &Entry, truncated: bool, counts: [u16; 3], out: &mut Vec<u8>) {
+        let query = self.bytes;
+        let recursion_desired = query[2] & 0x01;
+        let checking_disabled = query[3] & 0x10;
+        let authoritative = if entry.authoritative { 0x04 } else { 0 };
+        let truncation = if truncated { 0x02 } else { 0 };
+        let additionals = counts[2] + u16::from(self.edns_payload.is_some());
+        out.extend_from_slice(&query[..2]);
+        out.push(0x80 | authoritative | truncation | recursion_desired);
+        out.push(checking_disabled | entry.rcode.low());
+        out.extend_from_slice(&1u16.to_be_bytes());
+        for count in [counts[0], counts[1], additionals] {
+            out.extend_from_slice(&count.to_be_bytes());
+        }
+        out.extend_from_slice(&query[HEADER..self.question_end]);
+    }
+
+    /// The whole response, or without additionals, or empty with TC:
+    /// whichever fits first. Says whether it was truncated.
+    fn write(&self, entry: &Entry, turn: usize, cap: usize, out: &mut Vec<u8>) -> bool {
+        let opt = if self.edns_payload.is_some() {
+            OPT_RECORD.len()
+        } else {
+            0
+        };
+        let limit = self.limit();
+        match &entry.records {
+            Records::Fixed {
+                main,
+                additionals,
+                counts,
+            } => {
+                let head = self.question_end + main.len() + opt;
+                if head + additionals.len() <= limit {
+                    self.write_head(entry, false, *counts, out);
+                    out.extend_from_slice(main);
+                    out.extend_from_slice(additionals);
+                } else if head <= limit {
+                    self.write_head(entry, false, [counts[0], counts[1], 0], out);
+                    out.extend_from_slice(main);
+                } else {
+                    self.write_truncated(entry, out);
+                    return true;
+                }
+            }
+            Records::Rotating {
+                bytes,
+                ends,
+                answers,
+                rotation,
+            } => {
+                let record = |i: usize| {
+                    let start = if i == 0 { 0 } else { ends[i - 1] as usize };
+                    &bytes[start..ends[i] as usize]
+                };
+                let paired = rotation.paired && ends.len() == 2 * answers;
+                let mut chosen = 0u16;
+                self.write_head(entry, false, [0, 0, 0], out);
+                for i in rotation.order(turn, cap) {
+                    out.extend_from_slice(record(i));
+                    chosen += 1;
+                }
+                let without_additionals = out.len();
+                let mut extra = 0u16;
+                if paired {
+                    for i in rotation.order(turn, cap) {
+                        out.extend_from_slice(record(answers + i));
+                        extra += 1;
+                    }
+                }
+                if out.len() + opt > limit {
+                    out.truncate(without_additionals);
+                    extra = 0;
+                }
+                if out.len() + opt > limit {
+                    out.clear();
+                    self.write_truncated(entry, out);
+                    return true;
+                }
+                out[6..8].copy_from_slice(&chosen.to_be_bytes());
+                let additionals = extra + u16::from(self.edns_payload.is_some());
+                out[10..12].copy_from_slice(&additionals.to_be_bytes());
+            }
+        }
+        if self.edns_payload.is_some() {
+            out.extend_from_slice(&OPT_RECORD);
+        }
+        false
+    }
+
+    /// Header, question and OPT only, with TC set.
+    fn write_truncated(&self, entry: &Entry, out: &mut Vec<u8>) {
+        self.write_head(entry, true, [0, 0, 0], out);
+        if self.edns_payload.is_some() {
+            out.extend_from_slice(&OPT_RECORD);
+        }
+    }
+}
+
+/// The payload size of an OPT record of version 0 that fills `rest`,
+/// with well-formed options none of which hickory would decode by content.
+fn read_opt(rest: &[u8]) -> Option<u16> {
+    // Root owner, type, class (payload), extended rcode, version, flags,
+    // RDATA length.
+    let fixed = rest.get(..11)?;
+    if fixed[0] != 0 || fixed[1..3] != [0, 41] || fixed[6] != 0 {
+        return None;
+    }
+    let length = usize::from(u16::from_be_bytes([fixed[9], fixed[10]]));
+    let mut options = rest.get(11..)?;
+    if options.len() != length {
+        return None;
+    }
+    while !options.is_empty() {
+        let code = u16::from_be_bytes([*options.first()?, *options.get(1)?]);
+        let size = usize::from(u16::from_be_bytes([*options.get(2)?, *options.get(3)?]));
+        if DECODED_OPTIONS.contains(&code) {
+            return None;
+        }
+        options = options.get(4 + size..)?;
+    }
+    Some(u16::from_be_bytes([fixed[3], fixed[4]]))
+}
+
+impl Entry {
+    /// Computes and encodes the answer to `query`; `None` when it cannot
+    /// be cached (the general path answers instead).
+    fn prepare(authority: &Authority, query: &SimpleQuery<'_>) -> Option<Self> {
+        let question = &query.bytes[HEADER..query.question_end];
+        let question = LowerQuery::query(Query::read(&mut BinDecoder::new(question)).ok()?);
+        let prepared = authority.prepare(&question);
+        let answer = prepared.answer;
+        if answer.rcode.high() != 0 {
+            return None;
+        }
+        // Encoded against the lowercased question, so owner names
+        // compress to it.
+        let mut lowered = Query::query(question.name().into(), question.query_type());
+        lowered.set_query_class(question.query_class());
+        Some(Self {
+            records: encode_records(&lowered, &answer)?,
+            rcode: answer.rcode,
+            authoritative: answer.authoritative,
+            checked: prepared.version,
+            validity: prepared.validity,
+            name: question.name().clone(),
+        })
+    }
+
+    /// Whether this answer still holds for `snapshot` and the static
+    /// zones' generation `zones`; remembers a positive check per version.
+    fn is_fresh(&mut self, snapshot: &Snapshot, zones: u64) -> bool {
+        if self.validity.zones != zones {
+            return false;
+        }
+        if self.checked == snapshot.version() {
+            return true;
+        }
+        let valid = Authority::still_valid(&self.validity, snapshot, zones);
+        if valid {
+            self.checked = snapshot.version();
+        }
+        valid
+    }
+}
+
+/// `answer`'s records as the cache lays them out.
+fn encode_records(question: &Query, answer: &Answer) -> Option<Records> {
+    let mut buffer = Vec::with_capacity(512);
+    let mut encoder = BinEncoder::new(&mut buffer);
+    encoder.emit_vec(&[0; HEADER]).ok()?;
+    question.emit(&mut encoder).ok()?;
+    let question_end = encoder.offset();
+    let rotation = &answer.rotation;
+    if rotation.levels.is_empty() {
+        encoder
+            .emit_all(answer.answers.iter().chain(&answer.authorities))
+            .ok()?;
+        let main_end = encoder.offset();
+        encoder.emit_all(answer.additionals.iter()).ok()?;
+        return Some(Records::Fixed {
+            main: buffer[question_end..main_end].into(),
+            additionals: buffer[main_end..].into(),
+            counts: [
+                u16::try_from(answer.answers.len()).ok()?,
+                u16::try_from(answer.authorities.len()).ok()?,
+                u16::try_from(answer.additionals.len()).ok()?,
+            ],
+        });
+    }
+    let movable = |r: &Record| {
+        matches!(
+            r.record_type(),
+            RecordType::A | RecordType::AAAA | RecordType::SRV
+        )
+    };
+    let paired = rotation.paired && answer.additionals.len() == answer.answers.len();
+    let cacheable = answer.authorities.is_empty()
+        && (paired || answer.additionals.is_empty())
+        && answer
+            .answers
+            .iter()
+            .chain(&answer.additionals)
+            .all(movable);
+    if !cacheable {
+        return None;
+    }
+    let mut bytes = Vec::new();
+    let mut ends = Vec::with_capacity(answer.answers.len() * 2);
+    for record in answer.answers.iter().chain(&answer.additionals) {
+        encoder.set_offset(question_end);
+        encoder.trim();
+        record.emit(&mut encoder).ok()?;
+        bytes.extend_from_slice(encoder.slice_of(question_end, encoder.offset()));
+        ends.push(u32::try_from(bytes.len()).ok()?);
+    }
+    Some(Records::Rotating {
+        bytes: bytes.into(),
+        ends: ends.into(),
+        answers: answer.answers.len(),
+        rotation: rotation.clone(),
+    })
+}
