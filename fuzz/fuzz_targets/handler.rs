@@ -9,6 +9,7 @@ use std::sync::{Arc, OnceLock};
 use hickory_proto::rr::Name;
 use hickory_server::net::xfer::Protocol;
 use libfuzzer_sys::fuzz_target;
+use muster::dns::cache::AnswerCache;
 use muster::dns::rrl::Rrl;
 use muster::dns::zones::ZoneSet;
 use muster::dns::{Authority, RegistryZone, respond};
@@ -77,4 +78,18 @@ fuzz_target!(|data: &[u8]| {
         Some(&setup.rrl),
     );
     let _ = respond(&setup.authority, data, client, Protocol::Tcp, None);
+    // The UDP fast path: a fresh cache answers (or declines) without
+    // panicking, and what it writes parses as DNS.
+    // Twice: once filling the cache, once from it.
+    let mut cache = AnswerCache::new();
+    let mut out = Vec::new();
+    for _ in 0..2 {
+        if cache
+            .respond(&setup.authority, data, client, Some(&setup.rrl), &mut out)
+            .is_some()
+            && !out.is_empty()
+        {
+            assert!(hickory_proto::op::Message::from_vec(&out).is_ok());
+        }
+    }
 });
