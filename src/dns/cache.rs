@@ -40,7 +40,9 @@ const DECODED_OPTIONS: [u16; 2] = [3, 8];
 
 /// One worker's cache of encoded answers.
 pub struct AnswerCache {
-    entries: HashMap<Box<[u8]>, Entry>,
+    /// foldhash: several times cheaper than SipHash on short keys, and
+    /// seeded per process, so names cannot be chosen to collide.
+    entries: HashMap<Box<[u8]>, Entry, foldhash::fast::RandomState>,
     /// The lowercased question of the query being answered.
     key: Vec<u8>,
     /// Advances on every rotating answer this worker sends.
@@ -100,7 +102,7 @@ impl Default for AnswerCache {
 impl AnswerCache {
     pub fn new() -> Self {
         Self {
-            entries: HashMap::new(),
+            entries: HashMap::default(),
             key: Vec::with_capacity(260),
             turn: 0,
         }
@@ -120,18 +122,51 @@ impl AnswerCache {
         let parsed = SimpleQuery::parse(query, &mut self.key)?;
         let snapshot = authority.snapshot();
         let zones = authority.zones_generation();
-        let fresh = self
-            .entries
-            .get_mut(self.key.as_slice())
-            .is_some_and(|entry| entry.is_fresh(&snapshot, zones));
-        if !fresh {
-            let entry = Entry::prepare(authority, &parsed)?;
-            if self.entries.len() >= MAX_ENTRIES {
-                self.entries.clear();
-            }
-            self.entries.insert(self.key.as_slice().into(), entry);
+        let reply = Reply {
+            query: &parsed,
+            peer,
+            rrl,
+            cap: authority.max_answers(),
+        };
+        if let Some(entry) = self.entries.get_mut(self.key.as_slice())
+            && entry.is_fresh(&snapshot, zones)
+        {
+            return Some(reply.write(entry, &mut self.turn, out));
         }
-        let entry = self.entries.get(self.key.as_slice())?;
+        let entry = Entry::prepare(authority, &parsed)?;
+        if self.entries.len() >= MAX_ENTRIES {
+            self.entries.clear();
+        }
+        let outcome = reply.write(&entry, &mut self.turn, out);
+        self.entries.insert(self.key.as_slice().into(), entry);
+        Some(outcome)
+    }
+
+    /// Answers held.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+/// What a response is written for.
+struct Reply<'q, 'r> {
+    query: &'q SimpleQuery<'q>,
+    peer: SocketAddr,
+    rrl: Option<&'r Rrl>,
+    /// Most rotating answers per response (0: all).
+    cap: usize,
+}
+
+impl Reply<'_, '_> {
+    /// Writes the response carrying `entry` into `out`, or nothing when
+    /// rate limiting drops it; `turn` advances for rotating answers.
+    fn write(&self, entry: &Entry, turn: &mut usize, out: &mut Vec<u8>) -> Outcome {
+        let parsed = self.query;
+        let (peer, rrl) = (self.peer, self.rrl);
         let decision = rrl.map(|rrl| {
             let qtype = RecordType::from(parsed.qtype);
             rrl.decide(peer.ip(), &entry.name, qtype, entry.rcode)
@@ -145,26 +180,17 @@ impl AnswerCache {
             }
             _ => {
                 if matches!(entry.records, Records::Rotating { .. }) {
-                    self.turn = self.turn.wrapping_add(1);
+                    *turn = turn.wrapping_add(1);
                 }
-                parsed.write(entry, self.turn, authority.max_answers(), out)
+                parsed.write(entry, *turn, self.cap, out)
             }
         };
-        Some(Outcome {
+        Outcome {
             qtype: Some(RecordType::from(parsed.qtype)),
             rcode: entry.rcode,
             truncated,
             rrl: decision,
-        })
-    }
-
-    /// Answers held.
-    pub fn len(&self) -> usize {
-        self.entries.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        }
     }
 }
 
@@ -182,11 +208,9 @@ impl<'a> SimpleQuery<'a> {
         if count(4) != 1 || count(6) != 0 || count(8) != 0 || count(10) > 1 {
             return None;
         }
-        key.clear();
         let mut at = HEADER;
         loop {
             let length = usize::from(*bytes.get(at)?);
-            key.push(length as u8);
             at += 1;
             if length == 0 {
                 break;
@@ -196,17 +220,18 @@ impl<'a> SimpleQuery<'a> {
             if length > 63 || at + length - HEADER > 255 {
                 return None;
             }
-            let label = bytes.get(at..at + length)?;
-            key.extend(label.iter().map(u8::to_ascii_lowercase));
             at += length;
         }
         let fixed = bytes.get(at..at + 4)?;
-        key.extend_from_slice(fixed);
         let qtype = u16::from_be_bytes([fixed[0], fixed[1]]);
         if matches!(RecordType::from(qtype), RecordType::AXFR | RecordType::IXFR) {
             return None;
         }
         let question_end = at + 4;
+        key.clear();
+        key.extend_from_slice(&bytes[HEADER..question_end]);
+        // Length bytes are below 64, so only the labels' letters change.
+        key[..at - HEADER].make_ascii_lowercase();
         let rest = &bytes[question_end..];
         let edns_payload = match count(10) {
             0 if rest.is_empty() => None,
