@@ -3,10 +3,14 @@
 //! Prometheus metrics the other modules count into.
 
 use std::io::IsTerminal;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::RecordType;
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder, NoLabelSet};
+use prometheus_client::metrics::{MetricType, TypedMetric};
 
 pub use crate::dns::Outcome as DnsOutcome;
 use prometheus_client::metrics::counter::Counter;
@@ -67,7 +71,7 @@ pub struct Metrics {
     /// UDP answers that did not fit and were sent with TC set.
     pub dns_truncated: Counter,
     /// Time from a query's arrival to its answer being handed to the socket.
-    pub dns_duration: Histogram,
+    pub dns_duration: DnsDurations,
     /// UDP answers held back by response rate limiting, by action.
     pub dns_rrl: Family<RrlAction, Counter>,
 }
@@ -117,8 +121,7 @@ impl Default for Metrics {
         let gateway_upstream_errors = Family::default();
         let dns_queries = Family::default();
         let dns_truncated = Counter::default();
-        // 1 µs to about 16 ms, doubling.
-        let dns_duration = Histogram::new(exponential_buckets(0.000_001, 2.0, 15));
+        let dns_duration = DnsDurations::default();
         let dns_rrl = Family::default();
         registry.register(
             "dns_rrl",
@@ -194,7 +197,7 @@ impl Metrics {
         if let Some(action) = action {
             self.dns_rrl.get_or_create(&RrlAction { action }).inc();
         }
-        self.dns_duration.observe(elapsed.as_secs_f64());
+        self.dns_duration.add(&LocalDurations::of(elapsed));
     }
 
     /// The OpenMetrics content type `encode` produces.
@@ -235,5 +238,191 @@ fn rcode_label(rcode: ResponseCode) -> &'static str {
         ResponseCode::NotImp => "NOTIMP",
         ResponseCode::ServFail => "SERVFAIL",
         _ => "other",
+    }
+}
+
+/// Upper bounds of the DNS duration buckets: 1 µs to about 16 ms, doubling.
+const DNS_DURATION_BUCKETS: usize = 15;
+
+/// The DNS answer-time histogram. Observations arrive in batches from each
+/// UDP worker's [`DnsTally`], so the hot path takes no lock; the shared
+/// counts are atomics a batch is added to. Clones share the counts.
+#[derive(Debug, Default, Clone)]
+pub struct DnsDurations(Arc<SharedDurations>);
+
+#[derive(Debug, Default)]
+struct SharedDurations {
+    /// Per bucket (not cumulative); the last one is +Inf.
+    buckets: [AtomicU64; DNS_DURATION_BUCKETS + 1],
+    count: AtomicU64,
+    sum_nanos: AtomicU64,
+}
+
+/// Durations counted locally, before they are added to [`DnsDurations`].
+#[derive(Debug, Default, Clone)]
+pub struct LocalDurations {
+    buckets: [u64; DNS_DURATION_BUCKETS + 1],
+    count: u64,
+    sum_nanos: u64,
+}
+
+impl LocalDurations {
+    /// One observation.
+    pub fn of(elapsed: Duration) -> Self {
+        let mut local = Self::default();
+        local.observe(elapsed);
+        local
+    }
+
+    pub fn observe(&mut self, elapsed: Duration) {
+        let nanos = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
+        // Bucket i holds (2^(i-1) µs, 2^i µs]; bucket 0 everything up to 1 µs.
+        let micros_up = nanos.div_ceil(1_000).max(1);
+        let bucket = (u64::BITS - (micros_up - 1).leading_zeros()) as usize;
+        self.buckets[bucket.min(DNS_DURATION_BUCKETS)] += 1;
+        self.count += 1;
+        self.sum_nanos = self.sum_nanos.saturating_add(nanos);
+    }
+}
+
+impl DnsDurations {
+    /// Adds a batch of observations.
+    pub fn add(&self, local: &LocalDurations) {
+        let shared = &self.0;
+        for (bucket, &count) in shared.buckets.iter().zip(&local.buckets) {
+            if count > 0 {
+                bucket.fetch_add(count, Ordering::Relaxed);
+            }
+        }
+        shared.count.fetch_add(local.count, Ordering::Relaxed);
+        shared
+            .sum_nanos
+            .fetch_add(local.sum_nanos, Ordering::Relaxed);
+    }
+}
+
+impl TypedMetric for DnsDurations {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for DnsDurations {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let shared = &self.0;
+        let buckets: Vec<(f64, u64)> = shared
+            .buckets
+            .iter()
+            .enumerate()
+            .map(|(i, count)| {
+                let bound = if i < DNS_DURATION_BUCKETS {
+                    1e-6 * f64::from(1u32 << i)
+                } else {
+                    f64::MAX
+                };
+                (bound, count.load(Ordering::Relaxed))
+            })
+            .collect();
+        let sum = shared.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
+        let count = shared.count.load(Ordering::Relaxed);
+        encoder.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
+    }
+}
+
+/// One UDP worker's DNS counts, added to the shared [`Metrics`] in
+/// batches (every [`DnsTally::BATCH`] queries, and whenever the worker
+/// goes idle), so answering a query touches no shared cache line.
+pub struct DnsTally {
+    metrics: Arc<Metrics>,
+    transport: &'static str,
+    /// Counts per (question type, rcode) label pair since the last flush.
+    queries: Vec<(&'static str, &'static str, Counter, u64)>,
+    truncated: u64,
+    drops: u64,
+    slips: u64,
+    durations: LocalDurations,
+}
+
+impl DnsTally {
+    /// Queries counted locally before they are added to the shared metrics.
+    pub const BATCH: u64 = 1024;
+
+    pub fn new(metrics: Arc<Metrics>, transport: &'static str) -> Self {
+        Self {
+            metrics,
+            transport,
+            queries: Vec::new(),
+            truncated: 0,
+            drops: 0,
+            slips: 0,
+            durations: LocalDurations::default(),
+        }
+    }
+
+    /// Counts one answered query.
+    pub fn record(&mut self, outcome: &DnsOutcome, elapsed: Duration) {
+        let (qtype, rcode) = (qtype_label(outcome.qtype), rcode_label(outcome.rcode));
+        let found = self
+            .queries
+            .iter_mut()
+            .find(|(q, r, _, _)| std::ptr::eq(*q, qtype) && std::ptr::eq(*r, rcode));
+        match found {
+            Some((_, _, _, count)) => *count += 1,
+            None => {
+                let counter = self
+                    .metrics
+                    .dns_queries
+                    .get_or_create(&DnsQuery {
+                        transport: self.transport,
+                        qtype,
+                        rcode,
+                    })
+                    .clone();
+                self.queries.push((qtype, rcode, counter, 1));
+            }
+        }
+        self.truncated += u64::from(outcome.truncated);
+        match outcome.rrl {
+            Some(crate::dns::rrl::Decision::Drop) => self.drops += 1,
+            Some(crate::dns::rrl::Decision::Slip) => self.slips += 1,
+            _ => {}
+        }
+        self.durations.observe(elapsed);
+        if self.durations.count >= Self::BATCH {
+            self.flush();
+        }
+    }
+
+    /// Adds everything counted since the last flush to the shared metrics.
+    pub fn flush(&mut self) {
+        if self.durations.count == 0 {
+            return;
+        }
+        for (_, _, counter, count) in &mut self.queries {
+            if *count > 0 {
+                counter.inc_by(*count);
+                *count = 0;
+            }
+        }
+        self.metrics
+            .dns_truncated
+            .inc_by(std::mem::take(&mut self.truncated));
+        for (action, count) in [("drop", &mut self.drops), ("slip", &mut self.slips)] {
+            if *count > 0 {
+                let family = &self.metrics.dns_rrl;
+                family.get_or_create(&RrlAction { action }).inc_by(*count);
+                *count = 0;
+            }
+        }
+        self.metrics.dns_duration.add(&self.durations);
+        self.durations = LocalDurations::default();
+    }
+}
+
+impl Drop for DnsTally {
+    fn drop(&mut self) {
+        self.flush();
     }
 }

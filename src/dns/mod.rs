@@ -32,7 +32,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::telemetry::Metrics;
+use crate::telemetry::{DnsTally, Metrics};
 use rrl::Rrl;
 use tcp::TcpContext;
 
@@ -186,13 +186,20 @@ async fn serve_udp(
     let mut buffer = vec![0u8; RECV_BUFFER];
     let mut cache = cache::AnswerCache::new();
     let mut out = Vec::with_capacity(usize::from(MAX_UDP_PAYLOAD));
-    loop {
-        let received = tokio::select! {
-            received = socket.recv_from(&mut buffer) => received,
-            () = shutdown.cancelled() => return Ok(()),
-        };
-        let (length, peer) = match received {
+    let mut tally = DnsTally::new(metrics, "udp");
+    let mut served: u32 = 0;
+    while !shutdown.is_cancelled() {
+        let (length, peer) = match socket.try_recv_from(&mut buffer) {
             Ok(received) => received,
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                // Idle: the counts go out now, then wait for the next query.
+                tally.flush();
+                tokio::select! {
+                    ready = socket.readable() => ready?,
+                    () = shutdown.cancelled() => break,
+                }
+                continue;
+            }
             Err(error) => {
                 // ICMP errors from earlier sends surface here; keep serving.
                 debug!(error = %error, "dns udp receive failed");
@@ -204,23 +211,51 @@ async fn serve_udp(
         }
         let received = std::time::Instant::now();
         let query = &buffer[..length];
-        let rrl = rrl.as_deref();
-        let outcome = match cache.respond(&authority, query, peer, rrl, &mut out) {
-            Some(outcome) => outcome,
-            None => {
-                let Some(reply) = respond(&authority, query, peer, Protocol::Udp, rrl) else {
-                    continue;
-                };
-                out.clear();
-                out.extend_from_slice(&reply.bytes);
-                reply.outcome
-            }
+        let Some(outcome) = answer(
+            &authority,
+            &mut cache,
+            query,
+            peer,
+            rrl.as_deref(),
+            &mut out,
+        ) else {
+            continue;
         };
         if !out.is_empty()
             && let Err(error) = socket.send_to(&out, peer).await
         {
             debug!(error = %error, peer = %peer, "dns udp send failed");
         }
-        metrics.record_dns("udp", &outcome, received.elapsed());
+        tally.record(&outcome, received.elapsed());
+        served = served.wrapping_add(1);
+        if served.is_multiple_of(YIELD_EVERY) {
+            // Under steady load the socket is always ready; let the
+            // runtime's other tasks run.
+            tokio::task::yield_now().await;
+        }
     }
+    Ok(())
+}
+
+/// Queries a UDP worker answers before it yields to other tasks.
+const YIELD_EVERY: u32 = 256;
+
+/// The reply to one datagram into `out`: from the worker's cache when the
+/// query has the common shape, else the general way. `None` when nothing
+/// is to be sent (not a query).
+fn answer(
+    authority: &Authority,
+    cache: &mut cache::AnswerCache,
+    query: &[u8],
+    peer: SocketAddr,
+    rrl: Option<&Rrl>,
+    out: &mut Vec<u8>,
+) -> Option<Outcome> {
+    if let Some(outcome) = cache.respond(authority, query, peer, rrl, out) {
+        return Some(outcome);
+    }
+    let reply = respond(authority, query, peer, Protocol::Udp, rrl)?;
+    out.clear();
+    out.extend_from_slice(&reply.bytes);
+    Some(reply.outcome)
 }
