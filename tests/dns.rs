@@ -1188,3 +1188,64 @@ async fn every_udp_worker_socket_answers() {
     }
     muster.stop().await;
 }
+
+#[tokio::test]
+async fn a_burst_of_queries_is_answered_whole_and_to_each_sender() {
+    let muster = start().await;
+    muster
+        .register_ok("burst", "b-1", instance("10.16.0.1", 80))
+        .await;
+    // Several clients each send 100 queries without waiting, so the
+    // server takes them from its socket in batches; every reply must go
+    // back to the client that asked, carrying that query's id.
+    let mut clients = Vec::new();
+    for client in 0..4u16 {
+        let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        for n in 0..100u16 {
+            let mut message = query("burst.svc.internal.", RecordType::A, None);
+            message.metadata.id = client * 1000 + n;
+            socket
+                .send_to(&message.to_vec().unwrap(), muster.dns)
+                .await
+                .unwrap();
+        }
+        clients.push((client, socket));
+    }
+    for (client, socket) in clients {
+        let mut ids = BTreeSet::new();
+        let mut buffer = [0u8; 512];
+        while ids.len() < 100 {
+            let received =
+                tokio::time::timeout(std::time::Duration::from_secs(10), socket.recv(&mut buffer))
+                    .await
+                    .expect("every query of the burst is answered")
+                    .unwrap();
+            let reply = Message::from_vec(&buffer[..received]).unwrap();
+            assert_eq!(addresses(&reply), ips(&["10.16.0.1"]));
+            assert_eq!(reply.metadata.id / 1000, client, "a reply to this client");
+            assert!(ids.insert(reply.metadata.id), "each query answered once");
+        }
+    }
+    muster.stop().await;
+}
+
+#[tokio::test]
+async fn queries_over_ipv6_are_answered_to_their_ipv6_sender() {
+    if std::net::UdpSocket::bind("[::1]:0").is_err() {
+        eprintln!("skipped: no IPv6 loopback here");
+        return;
+    }
+    let mut config = support::test_config();
+    config.dns.listen = vec!["[::1]:0".parse().unwrap()];
+    let muster = support::start_with(config).await;
+    muster
+        .register_ok("six", "s-1", instance("fd00::16", 80))
+        .await;
+    let reply = query_udp(
+        muster.dns,
+        &query("six.svc.internal.", RecordType::AAAA, None),
+    )
+    .await;
+    assert_eq!(addresses(&reply), ips(&["fd00::16"]));
+    muster.stop().await;
+}

@@ -16,6 +16,7 @@ pub mod names;
 pub mod rrl;
 mod tcp;
 pub mod tls;
+mod udp;
 mod wire;
 pub mod zones;
 
@@ -25,22 +26,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hickory_server::Server;
-use hickory_server::net::xfer::Protocol;
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::warn;
 
-use crate::telemetry::{DnsTally, Metrics};
+use crate::telemetry::Metrics;
 use rrl::Rrl;
 use tcp::TcpContext;
 
 pub use answer::{Answer, Authority, Prepared, RegistryZone, Rotation, Scope, Validity};
 pub use wire::{MAX_UDP_PAYLOAD, Outcome, Reply, answer_request, respond};
-
-/// Largest datagram read; queries are far smaller, the rest is dropped.
-const RECV_BUFFER: usize = 4096;
 
 /// Bound DNS sockets: on each configured address, one UDP socket per
 /// worker (sharing the port through `SO_REUSEPORT`, so the kernel spreads
@@ -143,7 +140,13 @@ pub async fn serve(
     let mut tasks = JoinSet::new();
     for socket in listeners.udp.into_iter().flatten() {
         let (authority, metrics, rrl) = (authority.clone(), metrics.clone(), rrl.clone());
-        tasks.spawn(serve_udp(socket, authority, metrics, rrl, shutdown.clone()));
+        tasks.spawn(udp::serve(
+            socket,
+            authority,
+            metrics,
+            rrl,
+            shutdown.clone(),
+        ));
     }
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     for listener in listeners.tcp {
@@ -171,91 +174,4 @@ pub async fn serve(
         done.map_err(io::Error::other)??;
     }
     Ok(())
-}
-
-/// One socket's receive–answer–send loop. Answering is pure CPU work on a
-/// snapshot, so it runs inline: no task per query. Queries of the common
-/// shape are answered from this worker's own [`cache::AnswerCache`].
-async fn serve_udp(
-    socket: UdpSocket,
-    authority: Arc<Authority>,
-    metrics: Arc<Metrics>,
-    rrl: Option<Arc<Rrl>>,
-    shutdown: CancellationToken,
-) -> io::Result<()> {
-    let mut buffer = vec![0u8; RECV_BUFFER];
-    let mut cache = cache::AnswerCache::new();
-    let mut out = Vec::with_capacity(usize::from(MAX_UDP_PAYLOAD));
-    let mut tally = DnsTally::new(metrics, "udp");
-    let mut served: u32 = 0;
-    while !shutdown.is_cancelled() {
-        let (length, peer) = match socket.try_recv_from(&mut buffer) {
-            Ok(received) => received,
-            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
-                // Idle: the counts go out now, then wait for the next query.
-                tally.flush();
-                tokio::select! {
-                    ready = socket.readable() => ready?,
-                    () = shutdown.cancelled() => break,
-                }
-                continue;
-            }
-            Err(error) => {
-                // ICMP errors from earlier sends surface here; keep serving.
-                debug!(error = %error, "dns udp receive failed");
-                continue;
-            }
-        };
-        if peer.port() == 0 {
-            continue;
-        }
-        let received = std::time::Instant::now();
-        let query = &buffer[..length];
-        let Some(outcome) = answer(
-            &authority,
-            &mut cache,
-            query,
-            peer,
-            rrl.as_deref(),
-            &mut out,
-        ) else {
-            continue;
-        };
-        if !out.is_empty()
-            && let Err(error) = socket.send_to(&out, peer).await
-        {
-            debug!(error = %error, peer = %peer, "dns udp send failed");
-        }
-        tally.record(&outcome, received.elapsed());
-        served = served.wrapping_add(1);
-        if served.is_multiple_of(YIELD_EVERY) {
-            // Under steady load the socket is always ready; let the
-            // runtime's other tasks run.
-            tokio::task::yield_now().await;
-        }
-    }
-    Ok(())
-}
-
-/// Queries a UDP worker answers before it yields to other tasks.
-const YIELD_EVERY: u32 = 256;
-
-/// The reply to one datagram into `out`: from the worker's cache when the
-/// query has the common shape, else the general way. `None` when nothing
-/// is to be sent (not a query).
-fn answer(
-    authority: &Authority,
-    cache: &mut cache::AnswerCache,
-    query: &[u8],
-    peer: SocketAddr,
-    rrl: Option<&Rrl>,
-    out: &mut Vec<u8>,
-) -> Option<Outcome> {
-    if let Some(outcome) = cache.respond(authority, query, peer, rrl, out) {
-        return Some(outcome);
-    }
-    let reply = respond(authority, query, peer, Protocol::Udp, rrl)?;
-    out.clear();
-    out.extend_from_slice(&reply.bytes);
-    Some(reply.outcome)
 }

@@ -168,7 +168,12 @@ fn rand_id() -> u16 {
 /// Sends raw bytes over UDP; the reply's bytes, or `None` if none came
 /// before `wait`.
 pub async fn exchange_udp(server: SocketAddr, bytes: &[u8], wait: Duration) -> Option<Vec<u8>> {
-    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let local = if server.is_ipv6() {
+        "[::1]:0"
+    } else {
+        "127.0.0.1:0"
+    };
+    let socket = UdpSocket::bind(local).await.unwrap();
     socket.send_to(bytes, server).await.unwrap();
     let mut buffer = vec![0u8; 65535];
     let received = tokio::time::timeout(wait, socket.recv(&mut buffer)).await;
