@@ -386,7 +386,7 @@ fn apply_change(
                 return Ok(unchanged(next, &existing));
             }
             let mut updated = Instance::clone(&existing);
-            updated.maintenance = maintenance;
+            updated.maintenance = maintenance.map(Box::new);
             Ok(replace(next, updated, batch))
         }
         Change::Reap {
@@ -503,7 +503,7 @@ fn current_generation(
 fn watch_event(instance: &Instance) -> Option<CheckEvent> {
     instance.check.as_ref().map(|spec| CheckEvent::Watch {
         key: InstanceKey::of(instance),
-        spec: spec.clone(),
+        spec: CheckSpec::clone(spec),
         generation: instance.generation,
         status: instance.health.status,
     })

@@ -34,6 +34,50 @@ pub struct NamedPort {
     pub protocol: Protocol,
 }
 
+/// An instance's named ports, sorted by name. A boxed slice rather than a
+/// map: most instances have one or two, and a map's first node alone costs
+/// more than the rest of the instance (see the performance notes in the
+/// README). Serialized as a JSON object, as the API shows it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NamedPorts(Box<[(String, NamedPort)]>);
+
+impl NamedPorts {
+    pub fn get(&self, name: &str) -> Option<&NamedPort> {
+        self.0
+            .binary_search_by(|(n, _)| n.as_str().cmp(name))
+            .ok()
+            .map(|at| &self.0[at].1)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &NamedPort)> {
+        self.0.iter().map(|(name, port)| (name.as_str(), port))
+    }
+
+    pub fn values(&self) -> impl Iterator<Item = &NamedPort> {
+        self.0.iter().map(|(_, port)| port)
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl From<BTreeMap<String, NamedPort>> for NamedPorts {
+    fn from(ports: BTreeMap<String, NamedPort>) -> Self {
+        Self(ports.into_iter().collect())
+    }
+}
+
+impl Serialize for NamedPorts {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_map(self.iter())
+    }
+}
+
 /// Health as DNS and the gateway see it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -160,7 +204,7 @@ pub struct Instance {
     pub address: IpAddr,
     /// Port used for `<service>.Z` SRV answers and by default in the gateway.
     pub port: u16,
-    pub ports: BTreeMap<String, NamedPort>,
+    pub ports: NamedPorts,
     /// Sorted and deduplicated.
     pub tags: Vec<String>,
     pub meta: BTreeMap<String, String>,
@@ -170,9 +214,10 @@ pub struct Instance {
     /// served as `_grpc_config.<service>.Z` TXT.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub grpc_config: Option<serde_json::Value>,
-    pub check: Option<CheckSpec>,
+    /// Boxed: most of an instance's size when present, nothing when not.
+    pub check: Option<Box<CheckSpec>>,
     pub health: Health,
-    pub maintenance: Option<Maintenance>,
+    pub maintenance: Option<Box<Maintenance>>,
     /// Registry version at which the current check began; health results
     /// for an older registration are stale and ignored.
     #[serde(skip)]

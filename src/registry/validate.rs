@@ -135,18 +135,19 @@ impl InstanceSpec {
     /// Validates every field and builds the instance to store.
     pub fn into_instance(self, service: &str, id: &str) -> Result<Instance, ValidationError> {
         let check = self.check.map(CheckInput::into_spec).transpose()?;
+        let check = check.map(Box::new);
         Ok(Instance {
             service: service_name(service)?,
             id: instance_id(id)?,
             address: address(&self.address)?,
             port: port("port", self.port)?,
-            ports: named_ports(self.ports)?,
+            ports: named_ports(self.ports)?.into(),
             tags: tags(self.tags)?,
             meta: meta(self.meta)?,
             weight: in_range("weight", self.weight.unwrap_or(1), 1)?,
             priority: in_range("priority", self.priority.unwrap_or(0), 0)?,
             grpc_config: self.grpc_config.map(grpc_config).transpose()?,
-            health: Health::initial(check.as_ref()),
+            health: Health::initial(check.as_deref()),
             check,
             maintenance: None,
             generation: 0,
@@ -360,7 +361,7 @@ pub fn instance_from_json(mut value: serde_json::Value) -> Result<Instance, Vali
         instance.health = stored_health(health)?;
     }
     if let Some(maintenance) = maintenance {
-        instance.maintenance = Some(stored_maintenance(maintenance)?);
+        instance.maintenance = Some(Box::new(stored_maintenance(maintenance)?));
     }
     Ok(instance)
 }
@@ -770,10 +771,10 @@ mod tests {
         .unwrap();
         let mut original = spec.into_instance("web", "w-1").unwrap();
         original.health = Health::now(HealthStatus::Warning, "slow".into());
-        original.maintenance = Some(Maintenance {
+        original.maintenance = Some(Box::new(Maintenance {
             reason: "deploy".into(),
             since: humantime::parse_rfc3339("2026-01-02T03:04:05.678Z").unwrap(),
-        });
+        }));
         let json = serde_json::to_value(&original).unwrap();
         let back = instance_from_json(json.clone()).unwrap();
         assert_eq!(serde_json::to_value(&back).unwrap(), json);
