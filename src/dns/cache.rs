@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 
 use hickory_proto::op::{LowerQuery, Query, ResponseCode};
-use hickory_proto::rr::{LowerName, Record, RecordType};
+use hickory_proto::rr::{Record, RecordType};
 use hickory_proto::serialize::binary::{BinDecodable, BinDecoder, BinEncodable, BinEncoder};
 
 use super::answer::{Answer, Authority, Rotation, Validity};
@@ -68,8 +68,6 @@ struct Entry {
     validity: Validity,
     /// The snapshot version this entry was last found valid at.
     checked: u64,
-    /// The question's name, for response rate limiting.
-    name: LowerName,
 }
 
 enum Records {
@@ -124,6 +122,8 @@ impl AnswerCache {
         let zones = authority.zones_generation();
         let reply = Reply {
             query: &parsed,
+            // The key is the question: the name, then type and class.
+            name: &self.key[..self.key.len() - 4],
             peer,
             rrl,
             cap: authority.max_answers(),
@@ -155,6 +155,8 @@ impl AnswerCache {
 /// What a response is written for.
 struct Reply<'q, 'r> {
     query: &'q SimpleQuery<'q>,
+    /// The question's name, lowercased, in wire form.
+    name: &'q [u8],
     peer: SocketAddr,
     rrl: Option<&'r Rrl>,
     /// Most rotating answers per response (0: all).
@@ -169,7 +171,7 @@ impl Reply<'_, '_> {
         let (peer, rrl) = (self.peer, self.rrl);
         let decision = rrl.map(|rrl| {
             let qtype = RecordType::from(parsed.qtype);
-            rrl.decide(peer.ip(), &entry.name, qtype, entry.rcode)
+            rrl.decide(peer.ip(), self.name, qtype, entry.rcode)
         });
         out.clear();
         let truncated = match decision {
@@ -400,7 +402,6 @@ impl Entry {
             authoritative: answer.authoritative,
             checked: prepared.version,
             validity: prepared.validity,
-            name: question.name().clone(),
         })
     }
 

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use hickory_proto::op::ResponseCode;
-use hickory_proto::rr::{LowerName, RecordType};
+use hickory_proto::rr::RecordType;
 use ipnet::IpNet;
 
 use crate::config::RrlConfig;
@@ -58,10 +58,12 @@ impl Rrl {
     }
 
     /// Whether the answer (`qname`, `qtype`, `rcode`) may go to `client`.
+    /// `qname` is the lowercased name in wire form, as both the UDP
+    /// cache and the general path have it at hand.
     pub fn decide(
         &self,
         client: IpAddr,
-        qname: &LowerName,
+        qname: &[u8],
         qtype: RecordType,
         rcode: ResponseCode,
     ) -> Decision {
@@ -84,7 +86,7 @@ impl Rrl {
     fn key(
         &self,
         client: IpAddr,
-        qname: &LowerName,
+        qname: &[u8],
         qtype: RecordType,
         rcode: ResponseCode,
     ) -> u64 {

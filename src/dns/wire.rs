@@ -9,7 +9,7 @@ use hickory_proto::op::{
     Edns, EmitAndCount, Header, MessageType, Metadata, OpCode, ResponseCode, emit_message_parts,
 };
 use hickory_proto::rr::RecordType;
-use hickory_proto::serialize::binary::{BinDecodable, BinDecoder, BinEncoder};
+use hickory_proto::serialize::binary::{BinDecodable, BinDecoder, BinEncodable, BinEncoder};
 use hickory_server::net::xfer::Protocol;
 use hickory_server::server::Request;
 use hickory_server::zone_handler::MessageRequest;
@@ -76,7 +76,8 @@ pub fn respond(
     };
     let decision = match (rrl, protocol, question) {
         (Some(rrl), Protocol::Udp, Some(q)) => {
-            Some(rrl.decide(src.ip(), q.name(), q.query_type(), answer.rcode))
+            let name = q.name().to_bytes().unwrap_or_default();
+            Some(rrl.decide(src.ip(), &name, q.query_type(), answer.rcode))
         }
         _ => None,
     };
