@@ -153,6 +153,27 @@ fn fast(fixture: &Fixture, cache: &mut AnswerCache, ask: &Ask) -> Vec<u8> {
     out
 }
 
+/// The reply over TCP from the cache.
+fn fast_stream(fixture: &Fixture, cache: &mut AnswerCache, ask: &Ask) -> Vec<u8> {
+    let mut out = Vec::new();
+    cache
+        .respond_stream(&fixture.authority, &ask.bytes(), client(), &mut out)
+        .expect("a simple query takes the fast path");
+    out
+}
+
+fn general_stream(fixture: &Fixture, ask: &Ask) -> Vec<u8> {
+    respond(
+        &fixture.authority,
+        &ask.bytes(),
+        client(),
+        Protocol::Tcp,
+        None,
+    )
+    .expect("a reply")
+    .bytes
+}
+
 fn general(fixture: &Fixture, ask: &Ask) -> Vec<u8> {
     respond(
         &fixture.authority,
@@ -267,11 +288,14 @@ proptest! {
         };
         let mut cache = AnswerCache::new();
         let expected = seen(&general(fixture, &ask));
+        let expected_stream = seen(&general_stream(fixture, &ask));
         // The first answer fills the cache, the later ones come from it.
         for _ in 0..repeat + 1 {
             let reply = fast(fixture, &mut cache, &ask);
             prop_assert_eq!(&reply[..2], &id.to_be_bytes()[..]);
             prop_assert_eq!(seen(&reply), expected.clone());
+            let stream = fast_stream(fixture, &mut cache, &ask);
+            prop_assert_eq!(seen(&stream), expected_stream.clone());
         }
     }
 }
@@ -293,6 +317,15 @@ fn an_srv_answer_too_big_for_udp_is_truncated_on_both_paths() {
             seen(&fast(fixture, &mut cache, &ask))
         );
     }
+    // Over TCP the whole answer goes, as the general path sends it.
+    let whole = Ask::simple("big.svc.internal.", RecordType::SRV);
+    let reply = Message::from_vec(&fast_stream(fixture, &mut cache, &whole)).unwrap();
+    assert!(!reply.metadata.truncation);
+    assert_eq!(reply.answers.len(), 40);
+    assert_eq!(
+        seen(&general_stream(fixture, &whole)),
+        seen(&fast_stream(fixture, &mut cache, &whole))
+    );
     // 40 addresses fit in 1232 bytes but not in 512.
     let addresses = Ask::simple("big.svc.internal.", RecordType::A);
     let reply = Message::from_vec(&fast(fixture, &mut cache, &addresses)).unwrap();

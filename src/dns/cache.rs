@@ -117,13 +117,44 @@ impl AnswerCache {
         rrl: Option<&Rrl>,
         out: &mut Vec<u8>,
     ) -> Option<Outcome> {
+        self.respond_over(authority, query, peer, Some(rrl), out)
+    }
+
+    /// As [`respond`](Self::respond), for a query that came over TCP (or
+    /// TLS): no size limit short of 64 KiB and no rate limiting.
+    pub fn respond_stream(
+        &mut self,
+        authority: &Authority,
+        query: &[u8],
+        peer: SocketAddr,
+        out: &mut Vec<u8>,
+    ) -> Option<Outcome> {
+        self.respond_over(authority, query, peer, None, out)
+    }
+
+    /// `udp` is `Some(rate limiter if any)` for a UDP query, `None` for a
+    /// stream.
+    fn respond_over(
+        &mut self,
+        authority: &Authority,
+        query: &[u8],
+        peer: SocketAddr,
+        udp: Option<Option<&Rrl>>,
+        out: &mut Vec<u8>,
+    ) -> Option<Outcome> {
         let parsed = SimpleQuery::parse(query, &mut self.key)?;
+        let limit = match udp {
+            Some(_) => parsed.udp_limit(),
+            None => usize::from(u16::MAX),
+        };
+        let rrl = udp.flatten();
         let snapshot = authority.snapshot();
         let zones = authority.zones_generation();
         let reply = Reply {
             query: &parsed,
             // The key is the question: the name, then type and class.
             name: &self.key[..self.key.len() - 4],
+            limit,
             peer,
             rrl,
             cap: authority.max_answers(),
@@ -157,6 +188,8 @@ struct Reply<'q, 'r> {
     query: &'q SimpleQuery<'q>,
     /// The question's name, lowercased, in wire form.
     name: &'q [u8],
+    /// The largest response the transport takes.
+    limit: usize,
     peer: SocketAddr,
     rrl: Option<&'r Rrl>,
     /// Most rotating answers per response (0: all).
@@ -184,7 +217,7 @@ impl Reply<'_, '_> {
                 if matches!(entry.records, Records::Rotating { .. }) {
                     *turn = turn.wrapping_add(1);
                 }
-                parsed.write(entry, *turn, self.cap, out)
+                parsed.write(entry, *turn, self.cap, self.limit, out)
             }
         };
         Outcome {
@@ -249,7 +282,7 @@ impl<'a> SimpleQuery<'a> {
     }
 
     /// The largest response this client takes over UDP.
-    fn limit(&self) -> usize {
+    fn udp_limit(&self) -> usize {
         usize::from(self.edns_payload.map_or(CLASSIC_UDP_PAYLOAD, |size| {
             size.clamp(CLASSIC_UDP_PAYLOAD, MAX_UDP_PAYLOAD)
         }))
@@ -276,13 +309,19 @@ impl<'a> SimpleQuery<'a> {
 
     /// The whole response, or without additionals, or empty with TC:
     /// whichever fits first. Says whether it was truncated.
-    fn write(&self, entry: &Entry, turn: usize, cap: usize, out: &mut Vec<u8>) -> bool {
+    fn write(
+        &self,
+        entry: &Entry,
+        turn: usize,
+        cap: usize,
+        limit: usize,
+        out: &mut Vec<u8>,
+    ) -> bool {
         let opt = if self.edns_payload.is_some() {
             OPT_RECORD.len()
         } else {
             0
         };
-        let limit = self.limit();
         match &entry.records {
             Records::Fixed {
                 main,

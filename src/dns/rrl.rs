@@ -83,13 +83,7 @@ impl Rrl {
         }
     }
 
-    fn key(
-        &self,
-        client: IpAddr,
-        qname: &[u8],
-        qtype: RecordType,
-        rcode: ResponseCode,
-    ) -> u64 {
+    fn key(&self, client: IpAddr, qname: &[u8], qtype: RecordType, rcode: ResponseCode) -> u64 {
         let prefix: u128 = match client {
             IpAddr::V4(v4) => u128::from(u32::from(v4) & 0xffff_ff00),
             IpAddr::V6(v6) => u128::from(v6) & !((1u128 << 72) - 1),

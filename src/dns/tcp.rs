@@ -1,13 +1,16 @@
 //! DNS over TCP (RFC 7766): two-byte length-prefixed queries on a
-//! connection, answered in order by the same code as UDP, with a cap on
+//! connection, answered in order by the same code as UDP (the common
+//! shape from a per-thread cache of encoded answers), with a cap on
 //! connections served at once and idle connections closed. A connection
 //! over the cap waits in the kernel's accept queue.
 
+use std::cell::RefCell;
 use std::sync::Arc;
 use std::time::Duration;
 
 use hickory_server::net::xfer::Protocol;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -15,8 +18,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use super::answer::Authority;
-use super::wire::respond;
-use crate::telemetry::Metrics;
+use super::cache::AnswerCache;
+use super::wire::{Outcome, respond};
+use crate::telemetry::{DnsTally, Metrics};
 
 /// What every connection needs.
 #[derive(Clone)]
@@ -65,46 +69,92 @@ pub async fn serve(
     Ok(())
 }
 
+thread_local! {
+    /// Encoded answers for TCP queries, one cache per runtime thread: a
+    /// connection's task borrows it only between awaits, so no lock.
+    static STREAM_CACHE: RefCell<AnswerCache> = RefCell::new(AnswerCache::new());
+}
+
 /// Answers queries on one connection until it closes, idles out, or
-/// muster shuts down.
+/// muster shuts down. Reads are buffered (a length and its query, or
+/// several pipelined queries, in one system call) and each answer goes
+/// out with its length in one write.
 async fn connection(
-    mut stream: TcpStream,
+    stream: TcpStream,
     peer: std::net::SocketAddr,
     context: &TcpContext,
     shutdown: &CancellationToken,
 ) -> std::io::Result<()> {
     let _ = stream.set_nodelay(true);
+    let (reader, mut writer) = stream.into_split();
+    let mut reader = BufReader::with_capacity(READ_BUFFER, reader);
     let mut query = Vec::with_capacity(512);
+    let mut message = Vec::with_capacity(512);
+    let mut out = Vec::with_capacity(514);
+    let mut tally = DnsTally::new(context.metrics.clone(), "tcp");
     loop {
-        let mut length = [0u8; 2];
+        if reader.buffer().is_empty() {
+            // Nothing pipelined: the counts go out before waiting.
+            tally.flush();
+        }
         let read = tokio::select! {
-            read = tokio::time::timeout(context.idle_timeout, stream.read_exact(&mut length)) => read,
+            read = tokio::time::timeout(context.idle_timeout, read_query(&mut reader, &mut query)) => read,
             () = shutdown.cancelled() => return Ok(()),
         };
         match read {
-            Ok(Ok(_)) => {}
+            Ok(Ok(())) => {}
             Ok(Err(error)) if error.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
             Ok(Err(error)) => return Err(error),
             Err(_) => return Ok(()),
         }
-        query.resize(usize::from(u16::from_be_bytes(length)), 0);
-        // The rest of a query must come as promptly as its first bytes.
-        match tokio::time::timeout(context.idle_timeout, stream.read_exact(&mut query)).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(error)) => return Err(error),
-            Err(_) => return Ok(()),
-        }
         let received = std::time::Instant::now();
-        let Some(reply) = respond(&context.authority, &query, peer, Protocol::Tcp, None) else {
+        let answered = answer(&context.authority, &query, peer, &mut message, &mut out);
+        let Some(outcome) = answered else {
             continue;
         };
-        let length = u16::try_from(reply.bytes.len())
-            .unwrap_or(u16::MAX)
-            .to_be_bytes();
-        stream.write_all(&length).await?;
-        stream.write_all(&reply.bytes).await?;
-        context
-            .metrics
-            .record_dns("tcp", &reply.outcome, received.elapsed());
+        writer.write_all(&out).await?;
+        tally.record(&outcome, received.elapsed());
     }
+}
+
+/// Bytes read from a connection at a time.
+const READ_BUFFER: usize = 4096;
+
+/// Reads one length-prefixed query into `query`.
+async fn read_query(
+    reader: &mut BufReader<OwnedReadHalf>,
+    query: &mut Vec<u8>,
+) -> std::io::Result<()> {
+    let length = reader.read_u16().await?;
+    query.resize(usize::from(length), 0);
+    reader.read_exact(query).await?;
+    Ok(())
+}
+
+/// The answer to `query` into `out`, behind its two-byte length (built
+/// in `message` first): from the thread's cache when the query has the
+/// common shape, else the general way. `None` when nothing is to be sent.
+fn answer(
+    authority: &Authority,
+    query: &[u8],
+    peer: std::net::SocketAddr,
+    message: &mut Vec<u8>,
+    out: &mut Vec<u8>,
+) -> Option<Outcome> {
+    let cached =
+        STREAM_CACHE.with_borrow_mut(|cache| cache.respond_stream(authority, query, peer, message));
+    let outcome = match cached {
+        Some(outcome) => outcome,
+        None => {
+            let reply = respond(authority, query, peer, Protocol::Tcp, None)?;
+            message.clear();
+            message.extend_from_slice(&reply.bytes);
+            reply.outcome
+        }
+    };
+    let length = u16::try_from(message.len()).unwrap_or(u16::MAX);
+    out.clear();
+    out.extend_from_slice(&length.to_be_bytes());
+    out.extend_from_slice(message);
+    Some(outcome)
 }
