@@ -17,6 +17,9 @@
 #                    per query (other load only adds cost); memory is the median
 #   MUSTER_BIN=path  use this muster binary instead of `cargo build --release`
 #   KEEP=1           keep the work directory (configs, zone, logs, dnsperf output)
+#   CHURN=1000       also run muster while an API client adds and removes an
+#                    instance CHURN times a second (row "churn"; its CPU per
+#                    query includes the registrations' cost); 0: off
 #
 # Data: SERVICES services svc<N>, each with instances i1..i3 at 127.x
 # addresses (data only: every packet stays on 127.0.0.1) and a named port
@@ -53,10 +56,12 @@ server_cpus=${SERVER_CPUS:-0}
 client_cpus=${CLIENT_CPUS:-1}
 warmup=${WARMUP:-1}
 pick=${PICK:-median}
+churn=${CHURN:-0}
 servers=(knot nsd muster)
 
 case $mode in udp | tcp) ;; *) echo "MODE must be udp or tcp, not $mode" >&2; exit 1 ;; esac
 case $pick in median | best) ;; *) echo "PICK must be median or best, not $pick" >&2; exit 1 ;; esac
+case $churn in '' | *[!0-9]*) echo "CHURN is a whole number (registrations per second)" >&2; exit 1 ;; esac
 for n in "$seconds" "$rounds" "$services" "$workers" "$clients" "$threads"; do
   case $n in '' | *[!0-9]* | 0) echo "SECONDS, ROUNDS, SERVICES, WORKERS, CLIENTS and THREADS are whole numbers > 0" >&2; exit 1 ;; esac
 done
@@ -250,6 +255,62 @@ def register(api, pid, services, connections, depth=64):
     print(f"{time.monotonic() - start:.2f}")
 
 
+def churn(api, services, rate, seconds, connections=8):
+    """Adds and removes instance i4 of one service after another, `rate`
+    changes a second for `seconds`, over `connections` keep-alive
+    connections (each sending a batch of pipelined requests every 10 ms, so
+    slow answers under load do not hold the rate down); prints the changes
+    made per second."""
+    counts = [0] * connections
+    start = time.monotonic()
+    workers = [threading.Thread(target=churn_connection,
+                                args=(api, services, rate / connections, seconds, c, connections, counts))
+               for c in range(connections)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    print(f"{sum(counts) / (time.monotonic() - start):.0f}")
+
+
+def churn_connection(api, services, rate, seconds, me, connections, counts):
+    """One connection's share of `churn`: services me+1, me+1+connections, ..."""
+    host, port = api.rsplit(":", 1)
+    batch = max(1, round(rate / 100))
+    start = time.monotonic()
+    done = 0
+    mine = list(range(me + 1, services + 1, connections))
+    with socket.create_connection((host, int(port)), timeout=30) as sock, sock.makefile("rb") as f:
+        while time.monotonic() - start < seconds:
+            requests = []
+            for _ in range(batch):
+                n = mine[done // 2 % len(mine)]
+                path = f"/v1/services/svc{n}/instances/i4"
+                if done % 2 == 0:
+                    body = json.dumps({"address": address(n, 3), "port": HTTP_PORT,
+                                       "ports": {"http": HTTP_PORT}}).encode()
+                    requests.append(f"PUT {path} HTTP/1.1\r\nHost: {api}\r\nContent-Type: application/json\r\n"
+                                    f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+                else:
+                    requests.append(f"DELETE {path} HTTP/1.1\r\nHost: {api}\r\n\r\n".encode())
+                done += 1
+            sock.sendall(b"".join(requests))
+            for _ in requests:
+                status = int(f.readline().split()[1])
+                length = 0
+                while (line := f.readline()) not in (b"\r\n", b""):
+                    name, _, value = line.partition(b":")
+                    if name.strip().lower() == b"content-length":
+                        length = int(value)
+                f.read(length)
+                if status >= 300:
+                    sys.exit(f"churn request failed: {status}")
+            counts[me] = done
+            ahead = start + done / rate - time.monotonic()
+            if ahead > 0:
+                time.sleep(ahead)
+
+
 def query(port, name, qtype, tcp=False, timeout=1.0):
     """One query (RD set, no EDNS, as dnsperf sends them); (rcode, an, ns, ar, bytes)."""
     qid = random.randrange(65536)
@@ -326,6 +387,8 @@ if __name__ == "__main__":
         wait(int(args[0]), int(args[1]), int(args[2]), float(args[3]))
     elif cmd == "probe":
         probe(int(args[0]), int(args[1]))
+    elif cmd == "churn":
+        churn(args[0], int(args[1]), int(args[2]), float(args[3]))
     else:
         sys.exit(f"unknown command {cmd}")
 PY
@@ -506,19 +569,38 @@ parse() {
     }' "$1"
 }
 
+# The churn row: the same muster, loaded the same way, while instances
+# come and go through its API.
+if [ "$churn" -gt 0 ]; then
+  servers+=(churn)
+  port[churn]=${port[muster]}
+  pid_of[churn]=${pid_of[muster]}
+  answers[churn]="muster, with $churn registry changes per second"
+fi
+
 if [ "$warmup" -gt 0 ]; then
   for server in "${servers[@]}"; do dnsperf_run "$server" "$warmup" "$work/runs/warmup.$server"; done
 fi
 
 results=()
+churn_rates=()
 for round in $(seq 1 "$rounds"); do
   for server in "${servers[@]}"; do
     pid=${pid_of[$server]}
     out=$work/runs/$round.$server
     start_ns=$(date +%s%N)
+    churn_pid=
+    if [ "$server" = churn ]; then
+      bench churn "127.0.0.1:$api_port" "$services" "$churn" "$seconds" >"$out.churn" &
+      churn_pid=$!
+    fi
     read -r before before_wait < <(cpu_ns "$pid")
     dnsperf_run "$server" "$seconds" "$out"
     read -r after after_wait < <(cpu_ns "$pid")
+    if [ -n "$churn_pid" ]; then
+      wait "$churn_pid" || { echo "the churn client failed" >&2; exit 1; }
+      churn_rates+=("$(cat "$out.churn")")
+    fi
     end_ns=$(date +%s%N)
     read -r qps lost done lat resp nx < <(parse "$out") || { echo "no statistics in $out" >&2; cat "$out" >&2; exit 1; }
     read -r rss pss < <(memory_mb "$pid")
@@ -596,3 +678,8 @@ echo "muster / knot: queries/s $(ratio "${med_qps[muster]}" "${med_qps[knot]}"),
   "CPU per query $(ratio "${med_cpu[muster]}" "${med_cpu[knot]}");" \
   "muster / nsd: queries/s $(ratio "${med_qps[muster]}" "${med_qps[nsd]}")," \
   "CPU per query $(ratio "${med_cpu[muster]}" "${med_cpu[nsd]}")"
+if [ "$churn" -gt 0 ]; then
+  echo "churn: registry changes per second achieved: ${churn_rates[*]};" \
+    "with them muster's queries/s $(ratio "${med_qps[churn]}" "${med_qps[muster]}")x," \
+    "CPU per query $(ratio "${med_cpu[churn]}" "${med_cpu[muster]}")x of muster's without"
+fi
