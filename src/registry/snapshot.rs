@@ -147,8 +147,10 @@ impl Service {
 pub struct Snapshot {
     version: u64,
     services: imbl::HashMap<Arc<str>, Arc<Service>>,
-    /// Every instance by address, for reverse (PTR) lookups.
-    by_address: imbl::HashMap<IpAddr, Vec<Arc<Instance>>>,
+    /// Every instance by address, for reverse (PTR) lookups. Shared
+    /// slices: a change copies the map's path, and with it every entry on
+    /// the path's nodes, so entries must be cheap to clone.
+    by_address: imbl::HashMap<IpAddr, Arc<[Arc<Instance>]>>,
     instance_count: usize,
     only_passing: bool,
 }
@@ -163,11 +165,12 @@ impl Snapshot {
     ) -> Self {
         let mut by_service: std::collections::HashMap<String, Vec<Arc<Instance>>> =
             std::collections::HashMap::new();
-        let mut by_address: imbl::HashMap<IpAddr, Vec<Arc<Instance>>> = imbl::HashMap::new();
+        let mut addresses: std::collections::HashMap<IpAddr, Vec<Arc<Instance>>> =
+            std::collections::HashMap::new();
         let instance_count = instances.len();
         for instance in instances {
             let instance = Arc::new(instance);
-            by_address
+            addresses
                 .entry(instance.address)
                 .or_default()
                 .push(instance.clone());
@@ -193,7 +196,10 @@ impl Snapshot {
         Self {
             version,
             services,
-            by_address,
+            by_address: addresses
+                .into_iter()
+                .map(|(address, list)| (address, list.into()))
+                .collect(),
             instance_count,
             only_passing,
         }
@@ -201,7 +207,7 @@ impl Snapshot {
 
     /// The instances registered at `address`.
     pub fn instances_at(&self, address: &IpAddr) -> &[Arc<Instance>] {
-        self.by_address.get(address).map_or(&[], Vec::as_slice)
+        self.by_address.get(address).map_or(&[], |list| list)
     }
 
     /// Whether DNS and the gateway hand out `instance`.
@@ -210,23 +216,23 @@ impl Snapshot {
     }
 
     fn index_address(&mut self, instance: &Arc<Instance>) {
-        self.by_address
-            .entry(instance.address)
-            .or_default()
-            .push(instance.clone());
+        let listed = self.instances_at(&instance.address);
+        let list = listed.iter().chain([instance]).cloned().collect();
+        self.by_address.insert(instance.address, list);
     }
 
     fn unindex_address(&mut self, instance: &Instance) {
         let address = instance.address;
-        let emptied = match self.by_address.get_mut(&address) {
-            Some(list) => {
-                list.retain(|i| !(i.service == instance.service && i.id == instance.id));
-                list.is_empty()
-            }
-            None => false,
-        };
-        if emptied {
+        let others: Arc<[Arc<Instance>]> = self
+            .instances_at(&address)
+            .iter()
+            .filter(|i| !(i.service == instance.service && i.id == instance.id))
+            .cloned()
+            .collect();
+        if others.is_empty() {
             self.by_address.remove(&address);
+        } else {
+            self.by_address.insert(address, others);
         }
     }
 
