@@ -85,7 +85,9 @@ impl Rotation {
                 *start += length;
                 Some((first, length))
             })
-            .flat_map(move |(first, length)| (0..length).map(move |i| first + (i + turn) % length))
+            .flat_map(move |(first, length)| {
+                (0..length).map(move |i| first + (i + turn % length) % length)
+            })
             .take(limit)
     }
 }
@@ -727,5 +729,33 @@ fn negative(zone: &StaticZone, rcode: ResponseCode) -> Answer {
         authorities: vec![soa],
         additionals: Vec::new(),
         rotation: Rotation::default(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Rotation;
+
+    fn order(levels: &[usize], turn: usize, cap: usize) -> Vec<usize> {
+        let rotation = Rotation {
+            levels: levels.to_vec(),
+            paired: false,
+        };
+        rotation.order(turn, cap).collect()
+    }
+
+    #[test]
+    fn each_level_rotates_on_its_own_and_the_cap_keeps_the_first() {
+        assert_eq!(order(&[2, 3], 0, 0), [0, 1, 2, 3, 4]);
+        assert_eq!(order(&[2, 3], 1, 0), [1, 0, 3, 4, 2]);
+        assert_eq!(order(&[2, 3], 2, 0), [0, 1, 4, 2, 3]);
+        assert_eq!(order(&[2, 3], 1, 3), [1, 0, 3]);
+        assert_eq!(order(&[], 5, 0), Vec::<usize>::new());
+    }
+
+    #[test]
+    fn any_turn_is_a_valid_turn() {
+        assert_eq!(order(&[3], usize::MAX, 0), [0, 1, 2]);
+        assert_eq!(order(&[0, 2], usize::MAX, 0), [1, 0]);
     }
 }
