@@ -3,60 +3,20 @@
 //! services of 3 instances each, through the general path (`respond`) and
 //! through a UDP worker's cache of encoded answers (`cached`, warm).
 
+mod support;
+
 use std::hint::black_box;
 use std::net::SocketAddr;
-use std::sync::Arc;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use hickory_proto::op::{Edns, Message, Query};
-use hickory_proto::rr::{Name, RecordType};
+use hickory_proto::rr::RecordType;
 use hickory_server::net::xfer::Protocol;
 use muster::dns::cache::AnswerCache;
-use muster::dns::zones::ZoneSet;
-use muster::dns::{Authority, RegistryZone, respond};
-use muster::registry::{Change, InstanceSpec, Registry};
-
-async fn authority(services: usize) -> Authority {
-    let registry = Arc::new(Registry::default());
-    for s in 0..services {
-        for i in 0..3 {
-            let spec: InstanceSpec = serde_json::from_value(serde_json::json!({
-                "address": format!("10.{}.{}.{}", s / 256 % 256, s % 256, i + 1),
-                "port": 8080,
-                "ports": {"http": 8080},
-            }))
-            .unwrap();
-            let instance = spec
-                .into_instance(&format!("svc-{s}"), &format!("i-{i}"))
-                .unwrap();
-            registry
-                .apply(Change::Register(Box::new(instance)))
-                .await
-                .unwrap();
-        }
-    }
-    Authority::new(
-        registry,
-        ZoneSet::default(),
-        RegistryZone {
-            origin: Name::from_ascii("svc.internal.").unwrap(),
-            ttl: 5,
-            negative_ttl: 5,
-            max_answers: 0,
-            reverse: false,
-            transfers: Vec::new(),
-        },
-    )
-}
+use muster::dns::respond;
+use support::authority;
 
 fn query(name: &str, rtype: RecordType) -> Vec<u8> {
-    let mut message = Message::query();
-    message.metadata.id = 4242;
-    message.add_query(Query::query(Name::from_ascii(name).unwrap(), rtype));
-    let mut edns = Edns::new();
-    edns.set_max_payload(1232);
-    message.set_edns(edns);
-    message.to_vec().unwrap()
+    support::query(name, rtype, 4242)
 }
 
 fn handler(c: &mut Criterion) {

@@ -8,18 +8,16 @@
 //!
 //! Usage: `dns_instructions [fast|general] [QUERIES] [SERVICES]`.
 
+mod support;
+
 use std::hint::black_box;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Instant;
 
-use hickory_proto::op::{Edns, Message, Query};
-use hickory_proto::rr::{Name, RecordType};
+use hickory_proto::rr::RecordType;
 use hickory_server::net::xfer::Protocol;
 use muster::dns::cache::AnswerCache;
-use muster::dns::zones::ZoneSet;
-use muster::dns::{Authority, RegistryZone, respond};
-use muster::registry::{Change, InstanceSpec, Registry};
+use muster::dns::{Authority, respond};
 
 fn main() {
     let args: Vec<String> = std::env::args()
@@ -35,7 +33,7 @@ fn main() {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .build()
         .unwrap();
-    let authority = runtime.block_on(authority(&runtime, services));
+    let authority = runtime.block_on(support::authority(services));
     let mix = query_mix(queries, services);
     for mode in modes {
         let mut cache = AnswerCache::new();
@@ -77,42 +75,6 @@ fn answer_mix(
     sent
 }
 
-async fn authority(runtime: &tokio::runtime::Runtime, services: usize) -> Authority {
-    let registry = {
-        let _inside = runtime.enter();
-        Arc::new(Registry::default())
-    };
-    for s in 0..services {
-        for i in 0..3 {
-            let spec: InstanceSpec = serde_json::from_value(serde_json::json!({
-                "address": format!("10.{}.{}.{}", s / 256 % 256, s % 256, i + 1),
-                "port": 8080,
-                "ports": {"http": 8080},
-            }))
-            .unwrap();
-            let instance = spec
-                .into_instance(&format!("svc-{s}"), &format!("i-{i}"))
-                .unwrap();
-            registry
-                .apply(Change::Register(Box::new(instance)))
-                .await
-                .unwrap();
-        }
-    }
-    Authority::new(
-        registry,
-        ZoneSet::default(),
-        RegistryZone {
-            origin: Name::from_ascii("svc.internal.").unwrap(),
-            ttl: 5,
-            negative_ttl: 5,
-            max_answers: 0,
-            reverse: false,
-            transfers: Vec::new(),
-        },
-    )
-}
-
 /// `count` queries, 45% A, 45% SRV and 10% NXDOMAIN over `services`
 /// services, in a fixed pseudo-random order.
 fn query_mix(count: usize, services: usize) -> Vec<Vec<u8>> {
@@ -132,17 +94,7 @@ fn query_mix(count: usize, services: usize) -> Vec<Vec<u8>> {
                 ),
                 _ => (format!("nosuch-{}.svc.internal.", n % 1000), RecordType::A),
             };
-            encode(&name, rtype, n as u16)
+            support::query(&name, rtype, n as u16)
         })
         .collect()
-}
-
-fn encode(name: &str, rtype: RecordType, id: u16) -> Vec<u8> {
-    let mut message = Message::query();
-    message.metadata.id = id;
-    message.add_query(Query::query(Name::from_ascii(name).unwrap(), rtype));
-    let mut edns = Edns::new();
-    edns.set_max_payload(1232);
-    message.set_edns(edns);
-    message.to_vec().unwrap()
 }

@@ -1,0 +1,56 @@
+//! What the in-process DNS benches share: the registry they answer from
+//! and the queries they send.
+
+use std::sync::Arc;
+
+use hickory_proto::op::{Edns, Message, Query};
+use hickory_proto::rr::{Name, RecordType};
+use muster::dns::zones::ZoneSet;
+use muster::dns::{Authority, RegistryZone};
+use muster::registry::{Change, InstanceSpec, Registry};
+
+/// An authority over `services` services (`svc-N`) of 3 instances each,
+/// every instance with the named port `http`. Call inside a runtime.
+pub async fn authority(services: usize) -> Authority {
+    let registry = Arc::new(Registry::default());
+    for s in 0..services {
+        for i in 0..3 {
+            let spec: InstanceSpec = serde_json::from_value(serde_json::json!({
+                "address": format!("10.{}.{}.{}", s / 256 % 256, s % 256, i + 1),
+                "port": 8080,
+                "ports": {"http": 8080},
+            }))
+            .unwrap();
+            let instance = spec
+                .into_instance(&format!("svc-{s}"), &format!("i-{i}"))
+                .unwrap();
+            registry
+                .apply(Change::Register(Box::new(instance)))
+                .await
+                .unwrap();
+        }
+    }
+    Authority::new(
+        registry,
+        ZoneSet::default(),
+        RegistryZone {
+            origin: Name::from_ascii("svc.internal.").unwrap(),
+            ttl: 5,
+            negative_ttl: 5,
+            max_answers: 0,
+            reverse: false,
+            transfers: Vec::new(),
+        },
+    )
+}
+
+/// A query for `name` `rtype` with id `id` and EDNS (payload 1232).
+pub fn query(name: &str, rtype: RecordType, id: u16) -> Vec<u8> {
+    let mut message = Message::query();
+    message.metadata.id = id;
+    message.add_query(Query::query(Name::from_ascii(name).unwrap(), rtype));
+    let mut edns = Edns::new();
+    edns.set_max_payload(1232);
+    message.set_edns(edns);
+    message.to_vec().unwrap()
+}
