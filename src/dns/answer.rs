@@ -86,7 +86,8 @@ impl Rotation {
                 Some((first, length))
             })
             .flat_map(move |(first, length)| {
-                (0..length).map(move |i| first + (i + turn % length) % length)
+                let shift = if length == 0 { 0 } else { turn % length };
+                (0..length).map(move |i| first + (i + shift) % length)
             })
             .take(limit)
     }
