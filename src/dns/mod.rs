@@ -99,6 +99,9 @@ async fn bind_group(
     Err(last_error.unwrap_or_else(|| io::Error::other("no free port")))
 }
 
+/// The receive buffer each UDP socket asks for, in bytes.
+const UDP_RECEIVE_BUFFER: usize = 4 << 20;
+
 /// A non-blocking UDP socket on `address` that others of this process
 /// may share (`SO_REUSEPORT`; Linux only lets the same user join).
 fn reuse_port_udp(address: SocketAddr) -> io::Result<UdpSocket> {
@@ -109,6 +112,9 @@ fn reuse_port_udp(address: SocketAddr) -> io::Result<UdpSocket> {
         Some(IpProtocol::UDP),
     )?;
     socket.set_reuse_port(true)?;
+    // Room for a burst of queries while the worker is busy; the kernel
+    // caps it at net.core.rmem_max (see the README's DNS section).
+    let _ = socket.set_recv_buffer_size(UDP_RECEIVE_BUFFER);
     if address.is_ipv6() {
         socket.set_only_v6(true)?;
     }
