@@ -117,7 +117,7 @@ impl AnswerCache {
         rrl: Option<&Rrl>,
         out: &mut Vec<u8>,
     ) -> Option<Outcome> {
-        self.respond_over(authority, query, peer, Some(rrl), out)
+        self.respond_over(authority, query, peer, Transport::Udp(rrl), out)
     }
 
     /// As [`respond`](Self::respond), for a query that came over TCP (or
@@ -129,25 +129,22 @@ impl AnswerCache {
         peer: SocketAddr,
         out: &mut Vec<u8>,
     ) -> Option<Outcome> {
-        self.respond_over(authority, query, peer, None, out)
+        self.respond_over(authority, query, peer, Transport::Stream, out)
     }
 
-    /// `udp` is `Some(rate limiter if any)` for a UDP query, `None` for a
-    /// stream.
     fn respond_over(
         &mut self,
         authority: &Authority,
         query: &[u8],
         peer: SocketAddr,
-        udp: Option<Option<&Rrl>>,
+        transport: Transport<'_>,
         out: &mut Vec<u8>,
     ) -> Option<Outcome> {
         let parsed = SimpleQuery::parse(query, &mut self.key)?;
-        let limit = match udp {
-            Some(_) => parsed.udp_limit(),
-            None => usize::from(u16::MAX),
+        let (limit, rrl) = match transport {
+            Transport::Udp(rrl) => (parsed.udp_limit(), rrl),
+            Transport::Stream => (usize::from(u16::MAX), None),
         };
-        let rrl = udp.flatten();
         let snapshot = authority.snapshot();
         let zones = authority.zones_generation();
         let reply = Reply {
@@ -181,6 +178,15 @@ impl AnswerCache {
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
+}
+
+/// How the query came, which sets the response's size limit and whether
+/// rate limiting applies.
+enum Transport<'r> {
+    /// UDP, with the rate limiter if one is configured.
+    Udp(Option<&'r Rrl>),
+    /// TCP or TLS.
+    Stream,
 }
 
 /// What a response is written for.
