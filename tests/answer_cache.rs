@@ -448,3 +448,23 @@ fn unusual_queries_go_the_general_way() {
     version[at] = 1;
     assert!(!take(&version), "EDNS version 1 (BADVERS)");
 }
+
+#[test]
+fn a_full_cache_starts_over_and_keeps_answering() {
+    let fixture = fixture();
+    // One of a million workers gets the smallest share: 16,384 answers.
+    let mut cache = AnswerCache::shared_by(1 << 20);
+    for n in 0..16_384 {
+        let ask = Ask::simple(&format!("flood-{n}.svc.internal."), RecordType::A);
+        fast(fixture, &mut cache, &ask);
+    }
+    assert_eq!(
+        cache.len(),
+        16_384,
+        "every distinct name is kept up to the share"
+    );
+    let ask = Ask::simple("web.svc.internal.", RecordType::A);
+    let reply = Message::from_vec(&fast(fixture, &mut cache, &ask)).unwrap();
+    assert_eq!(cache.len(), 1, "full: it started over with this answer");
+    assert_eq!(reply.answers.len(), 2);
+}

@@ -23,9 +23,12 @@ use super::rrl::{Decision, Rrl};
 use super::wire::{CLASSIC_UDP_PAYLOAD, MAX_UDP_PAYLOAD, Outcome};
 use crate::registry::Snapshot;
 
-/// Entries one worker keeps before it starts over, so a flood of distinct
-/// names cannot grow memory without bound.
-const MAX_ENTRIES: usize = 1 << 18;
+/// Answers all UDP workers together keep, so a flood of distinct names
+/// cannot grow memory without bound however many cores there are; each
+/// worker keeps its share, and starts over when that is full.
+pub const TOTAL_ENTRIES: usize = 1 << 19;
+/// The least a worker keeps, whatever the share.
+const MIN_ENTRIES: usize = 1 << 14;
 /// Length of the DNS header.
 const HEADER: usize = 12;
 /// The OPT record of every EDNS response: root owner, type 41, muster's
@@ -47,6 +50,8 @@ pub struct AnswerCache {
     key: Vec<u8>,
     /// Advances on every rotating answer this worker sends.
     turn: usize,
+    /// Answers kept before the cache starts over.
+    limit: usize,
 }
 
 /// A query of the common shape, read in place.
@@ -98,11 +103,19 @@ impl Default for AnswerCache {
 }
 
 impl AnswerCache {
+    /// A cache for the only worker.
     pub fn new() -> Self {
+        Self::shared_by(1)
+    }
+
+    /// A cache for one of `workers` workers: its share of
+    /// [`TOTAL_ENTRIES`].
+    pub fn shared_by(workers: usize) -> Self {
         Self {
             entries: HashMap::default(),
             key: Vec::with_capacity(260),
             turn: 0,
+            limit: (TOTAL_ENTRIES / workers.max(1)).max(MIN_ENTRIES),
         }
     }
 
@@ -162,7 +175,7 @@ impl AnswerCache {
             return Some(reply.write(entry, &mut self.turn, out));
         }
         let entry = Entry::prepare(authority, &parsed)?;
-        if self.entries.len() >= MAX_ENTRIES {
+        if self.entries.len() >= self.limit {
             self.entries.clear();
         }
         let outcome = reply.write(&entry, &mut self.turn, out);

@@ -144,10 +144,12 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> io::Result<()> {
     let mut tasks = JoinSet::new();
+    let workers = listeners.udp.iter().map(Vec::len).sum();
     for socket in listeners.udp.into_iter().flatten() {
         let (authority, metrics, rrl) = (authority.clone(), metrics.clone(), rrl.clone());
         tasks.spawn(udp::serve(
             socket,
+            workers,
             authority,
             metrics,
             rrl,

@@ -70,9 +70,12 @@ pub async fn serve(
 }
 
 thread_local! {
-    /// Encoded answers for TCP queries, one cache per runtime thread: a
-    /// connection's task borrows it only between awaits, so no lock.
-    static STREAM_CACHE: RefCell<AnswerCache> = RefCell::new(AnswerCache::new());
+    /// Encoded answers for TCP queries, one cache per runtime thread (a
+    /// share of the total, one thread per core): a connection's task
+    /// borrows it only between awaits, so no lock.
+    static STREAM_CACHE: RefCell<AnswerCache> = RefCell::new(AnswerCache::shared_by(
+        std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
+    ));
 }
 
 /// Answers queries on one connection until it closes, idles out, or

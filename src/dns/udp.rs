@@ -34,9 +34,11 @@ const RECV_BUFFER: usize = 4096;
 /// responsive while DNS is under full load).
 const YIELD_EVERY: u32 = 4;
 
-/// Serves `socket` until `shutdown` is cancelled.
+/// Serves `socket`, one of `workers` UDP workers, until `shutdown` is
+/// cancelled.
 pub async fn serve(
     socket: UdpSocket,
+    workers: usize,
     authority: Arc<Authority>,
     metrics: Arc<Metrics>,
     rrl: Option<Arc<Rrl>>,
@@ -44,7 +46,7 @@ pub async fn serve(
 ) -> io::Result<()> {
     let fd = socket.as_raw_fd();
     let mut batch = Batch::new();
-    let mut cache = AnswerCache::new();
+    let mut cache = AnswerCache::shared_by(workers);
     let mut tally = DnsTally::new(metrics, "udp");
     let mut batches: u32 = 0;
     while !shutdown.is_cancelled() {
