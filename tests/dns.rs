@@ -652,6 +652,9 @@ async fn any_gets_one_hinfo_record_per_rfc_8482() {
 async fn max_answers_caps_each_answer_after_rotation() {
     let mut config = support::test_config();
     config.dns.max_answers = 2;
+    // Each query comes from a new port, so the kernel spreads them over
+    // both workers; rotation must not depend on which one answers.
+    config.dns.udp_workers = 2;
     let muster = support::start_with(config).await;
     for i in 1..=5u8 {
         let body = json!({"address": format!("10.7.0.{i}"), "port": 80, "ports": {"http": 80}});

@@ -271,8 +271,15 @@ impl Authority {
         if answer.rotation.levels.is_empty() {
             return answer;
         }
-        let turn = self.rotation.fetch_add(1, Ordering::Relaxed);
-        answer.arranged(turn, self.max_answers)
+        answer.arranged(self.next_turn(), self.max_answers)
+    }
+
+    /// The next turn of rotation. One counter for every worker and
+    /// transport, so however the kernel spreads queries over the workers,
+    /// consecutive answers rotate (and every instance gets its turn under
+    /// a cap).
+    pub fn next_turn(&self) -> usize {
+        self.rotation.fetch_add(1, Ordering::Relaxed)
     }
 
     /// The answer to `query` in canonical order (not yet rotated or

@@ -48,8 +48,6 @@ pub struct AnswerCache {
     entries: HashMap<Box<[u8]>, Entry, foldhash::fast::RandomState>,
     /// The lowercased question of the query being answered.
     key: Vec<u8>,
-    /// Advances on every rotating answer this worker sends.
-    turn: usize,
     /// Answers kept before the cache starts over.
     limit: usize,
 }
@@ -114,7 +112,6 @@ impl AnswerCache {
         Self {
             entries: HashMap::default(),
             key: Vec::with_capacity(260),
-            turn: 0,
             limit: (TOTAL_ENTRIES / workers.max(1)).max(MIN_ENTRIES),
         }
     }
@@ -172,13 +169,13 @@ impl AnswerCache {
         if let Some(entry) = self.entries.get_mut(self.key.as_slice())
             && entry.is_fresh(&snapshot, zones)
         {
-            return Some(reply.write(entry, &mut self.turn, out));
+            return Some(reply.write(entry, authority, out));
         }
         let entry = Entry::prepare(authority, &parsed)?;
         if self.entries.len() >= self.limit {
             self.entries.clear();
         }
-        let outcome = reply.write(&entry, &mut self.turn, out);
+        let outcome = reply.write(&entry, authority, out);
         self.entries.insert(self.key.as_slice().into(), entry);
         Some(outcome)
     }
@@ -217,8 +214,9 @@ struct Reply<'q, 'r> {
 
 impl Reply<'_, '_> {
     /// Writes the response carrying `entry` into `out`, or nothing when
-    /// rate limiting drops it; `turn` advances for rotating answers.
-    fn write(&self, entry: &Entry, turn: &mut usize, out: &mut Vec<u8>) -> Outcome {
+    /// rate limiting drops it. Rotating answers take the authority's next
+    /// turn.
+    fn write(&self, entry: &Entry, authority: &Authority, out: &mut Vec<u8>) -> Outcome {
         let parsed = self.query;
         let (peer, rrl) = (self.peer, self.rrl);
         let decision = rrl.map(|rrl| {
@@ -233,10 +231,11 @@ impl Reply<'_, '_> {
                 true
             }
             _ => {
-                if matches!(entry.records, Records::Rotating { .. }) {
-                    *turn = turn.wrapping_add(1);
-                }
-                parsed.write(entry, *turn, self.cap, self.limit, out)
+                let turn = match entry.records {
+                    Records::Rotating { .. } => authority.next_turn(),
+                    Records::Fixed { .. } => 0,
+                };
+                parsed.write(entry, turn, self.cap, self.limit, out)
             }
         };
         Outcome {
