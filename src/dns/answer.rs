@@ -429,35 +429,27 @@ impl Authority {
             .ok()?;
         let owner = Name::from(name);
         let classified = classify(&labels);
-        if let Some(service) = classified.service() {
-            let found = snapshot.service(service);
-            *scope = Scope::Service(
-                found.map_or_else(|| Arc::from(service), |s| s.shared_name()),
-                found.map(|s| s.index()),
-            );
-        }
+        // Apex and other shapes are static data only: the scope stays
+        // the zones'.
+        let service_name = classified.service()?;
+        let found = snapshot.service(service_name);
+        *scope = Scope::Service(
+            found.map_or_else(|| Arc::from(service_name), |s| s.shared_name()),
+            found.map(|s| s.index()),
+        );
+        let service = found?;
         match classified {
+            // These name no service: returned above.
             RegistryName::Apex | RegistryName::Other => None,
-            RegistryName::Service(service) => {
-                let service = snapshot.service(service)?;
-                Some(self.service_records(service, &owner, rtype, &[]))
-            }
-            RegistryName::Tagged { service, tags } => {
-                let service = snapshot.service(service)?;
-                service.has_tagged(&tags).then(|| {
-                    if tags.is_empty() {
-                        Found::default()
-                    } else {
-                        self.service_records(service, &owner, rtype, &tags)
-                    }
-                })
-            }
-            RegistryName::Port {
-                service,
-                port,
-                protocol,
-            } => {
-                let service = snapshot.service(service)?;
+            RegistryName::Service(_) => Some(self.service_records(service, &owner, rtype, &[])),
+            RegistryName::Tagged { tags, .. } => service.has_tagged(&tags).then(|| {
+                if tags.is_empty() {
+                    Found::default()
+                } else {
+                    self.service_records(service, &owner, rtype, &tags)
+                }
+            }),
+            RegistryName::Port { port, protocol, .. } => {
                 if !service.has_named_port(port, protocol) {
                     return None;
                 }
@@ -467,16 +459,11 @@ impl Authority {
                     _ => Found::default(),
                 })
             }
-            RegistryName::ProtocolNode { service, protocol } => snapshot
-                .service(service)?
-                .has_protocol(protocol)
-                .then(Found::default),
-            RegistryName::GrpcConfig(service) => {
-                let service = snapshot.service(service)?;
-                self.grpc_config_records(service, &owner, rtype)
+            RegistryName::ProtocolNode { protocol, .. } => {
+                service.has_protocol(protocol).then(Found::default)
             }
-            RegistryName::Instance { service, instance } => {
-                let service = snapshot.service(service)?;
+            RegistryName::GrpcConfig(_) => self.grpc_config_records(service, &owner, rtype),
+            RegistryName::Instance { instance, .. } => {
                 let instance = service.instance(instance)?;
                 Some(self.instance_records(service, instance, &owner, rtype))
             }
