@@ -17,10 +17,11 @@ use std::net::SocketAddr;
 use hickory_proto::op::{LowerQuery, Query, ResponseCode};
 use hickory_proto::rr::{Record, RecordType};
 use hickory_proto::serialize::binary::{BinDecodable, BinDecoder, BinEncodable, BinEncoder};
+use hickory_server::net::xfer::Protocol;
 
 use super::answer::{Answer, Authority, Rotation, Validity};
 use super::rrl::{Decision, Rrl};
-use super::wire::{CLASSIC_UDP_PAYLOAD, MAX_UDP_PAYLOAD, Outcome};
+use super::wire::{CLASSIC_UDP_PAYLOAD, MAX_UDP_PAYLOAD, Outcome, respond};
 use crate::registry::Snapshot;
 
 /// Answers all UDP workers together keep, so a flood of distinct names
@@ -142,6 +143,31 @@ impl AnswerCache {
         self.respond_over(authority, query, peer, Transport::Stream, out)
     }
 
+    /// Answers any query into `out`: from the cache when it has the
+    /// common shape, else the general way (`wire::respond`). `None` when
+    /// nothing is to be sent (not a query). Both transports' loops call
+    /// this.
+    pub fn answer(
+        &mut self,
+        authority: &Authority,
+        query: &[u8],
+        peer: SocketAddr,
+        transport: Transport<'_>,
+        out: &mut Vec<u8>,
+    ) -> Option<Outcome> {
+        if let Some(outcome) = self.respond_over(authority, query, peer, transport, out) {
+            return Some(outcome);
+        }
+        let (protocol, rrl) = match transport {
+            Transport::Udp(rrl) => (Protocol::Udp, rrl),
+            Transport::Stream => (Protocol::Tcp, None),
+        };
+        let reply = respond(authority, query, peer, protocol, rrl)?;
+        out.clear();
+        out.extend_from_slice(&reply.bytes);
+        Some(reply.outcome)
+    }
+
     fn respond_over(
         &mut self,
         authority: &Authority,
@@ -192,7 +218,8 @@ impl AnswerCache {
 
 /// How the query came, which sets the response's size limit and whether
 /// rate limiting applies.
-enum Transport<'r> {
+#[derive(Clone, Copy)]
+pub enum Transport<'r> {
     /// UDP, with the rate limiter if one is configured.
     Udp(Option<&'r Rrl>),
     /// TCP or TLS.

@@ -8,7 +8,6 @@ use std::cell::RefCell;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hickory_server::net::xfer::Protocol;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::{TcpListener, TcpStream};
@@ -18,8 +17,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use super::answer::Authority;
-use super::cache::AnswerCache;
-use super::wire::{Outcome, respond};
+use super::cache::{AnswerCache, Transport};
+use super::wire::Outcome;
 use crate::telemetry::{DnsTally, Metrics};
 
 /// What every connection needs.
@@ -135,8 +134,8 @@ async fn read_query(
 }
 
 /// The answer to `query` into `out`, behind its two-byte length (built
-/// in `message` first): from the thread's cache when the query has the
-/// common shape, else the general way. `None` when nothing is to be sent.
+/// in `message` first) from the thread's cache. `None` when nothing is to
+/// be sent.
 fn answer(
     authority: &Authority,
     query: &[u8],
@@ -144,17 +143,9 @@ fn answer(
     message: &mut Vec<u8>,
     out: &mut Vec<u8>,
 ) -> Option<Outcome> {
-    let cached =
-        STREAM_CACHE.with_borrow_mut(|cache| cache.respond_stream(authority, query, peer, message));
-    let outcome = match cached {
-        Some(outcome) => outcome,
-        None => {
-            let reply = respond(authority, query, peer, Protocol::Tcp, None)?;
-            message.clear();
-            message.extend_from_slice(&reply.bytes);
-            reply.outcome
-        }
-    };
+    let outcome = STREAM_CACHE.with_borrow_mut(|cache| {
+        cache.answer(authority, query, peer, Transport::Stream, message)
+    })?;
     let length = u16::try_from(message.len()).unwrap_or(u16::MAX);
     out.clear();
     out.extend_from_slice(&length.to_be_bytes());

@@ -12,7 +12,6 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::time::Instant;
 
-use hickory_server::net::xfer::Protocol;
 use socket2::SockAddr;
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
@@ -20,9 +19,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use super::answer::Authority;
-use super::cache::AnswerCache;
+use super::cache::{AnswerCache, Transport};
 use super::rrl::Rrl;
-use super::wire::{MAX_UDP_PAYLOAD, Outcome, respond};
+use super::wire::{MAX_UDP_PAYLOAD, Outcome};
 use crate::telemetry::{DnsTally, Metrics};
 
 /// Datagrams taken from the socket per system call.
@@ -200,7 +199,7 @@ impl Batch {
             };
             let query = &self.queries[slot][..length];
             let out = &mut self.answers[slot];
-            let outcome = answer(authority, cache, query, peer, rrl, out);
+            let outcome = cache.answer(authority, query, peer, Transport::Udp(rrl), out);
             if outcome.is_some() && !out.is_empty() {
                 self.replies.push((slot, SockAddr::from(peer)));
             }
@@ -270,24 +269,4 @@ fn socket_addr(source: &libc::sockaddr_storage) -> Option<SocketAddr> {
         }
         _ => None,
     }
-}
-
-/// The reply to one datagram into `out`: from the worker's cache when the
-/// query has the common shape, else the general way. `None` when nothing
-/// is to be sent (not a query).
-fn answer(
-    authority: &Authority,
-    cache: &mut AnswerCache,
-    query: &[u8],
-    peer: SocketAddr,
-    rrl: Option<&Rrl>,
-    out: &mut Vec<u8>,
-) -> Option<Outcome> {
-    if let Some(outcome) = cache.respond(authority, query, peer, rrl, out) {
-        return Some(outcome);
-    }
-    let reply = respond(authority, query, peer, Protocol::Udp, rrl)?;
-    out.clear();
-    out.extend_from_slice(&reply.bytes);
-    Some(reply.outcome)
 }
