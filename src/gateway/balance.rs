@@ -61,6 +61,24 @@ pub struct BackendStats {
     ejected_until: AtomicU64,
 }
 
+/// One request in flight to a backend, counted for as long as it lives:
+/// a request the client abandons while it waits on the upstream is
+/// dropped, not finished, and must stop counting all the same.
+pub struct InFlight<'a>(&'a BackendStats);
+
+impl<'a> InFlight<'a> {
+    pub fn start(stats: &'a BackendStats) -> Self {
+        stats.in_flight.fetch_add(1, Ordering::Relaxed);
+        Self(stats)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Passive health: instances that keep failing are left out for a while.
 /// Clones share the same state.
 #[derive(Clone)]
@@ -222,6 +240,29 @@ impl Picker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_abandoned_request_stops_counting_as_in_flight() {
+        let stats = BackendStats::default();
+        let waiting = async {
+            let _counted = InFlight::start(&stats);
+            std::future::pending::<()>().await;
+        };
+        let mut waiting = Box::pin(waiting);
+        let waker = std::task::Waker::noop();
+        let polled = waiting
+            .as_mut()
+            .poll(&mut std::task::Context::from_waker(waker));
+        assert!(polled.is_pending());
+        assert_eq!(
+            stats.in_flight.load(Ordering::Relaxed),
+            1,
+            "counted while waiting"
+        );
+        // The client went away: hyper drops the handler mid-await.
+        drop(waiting);
+        assert_eq!(stats.in_flight.load(Ordering::Relaxed), 0);
+    }
 
     fn backend(key: &str, priority: u16, weight: u16, outliers: &Outliers) -> Backend {
         Backend::new(

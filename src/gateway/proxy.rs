@@ -16,7 +16,7 @@ use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
 use tracing::{debug, info};
 
-use super::balance::Backend;
+use super::balance::{Backend, InFlight};
 use super::headers::{Peer, REQUEST_ID, TRACEPARENT, set_forwarded, strip_hop_by_hop};
 use super::{Gateway, Policy};
 use crate::config::UpstreamProtocol;
@@ -288,13 +288,9 @@ async fn forward(
             return Err((failure, Some(backend.key.clone())));
         };
         let stats = &backend.stats;
-        stats
-            .in_flight
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let in_flight = InFlight::start(stats);
         let sent = tokio::time::timeout(route.timeout, upstream.client.request(outgoing)).await;
-        stats
-            .in_flight
-            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        drop(in_flight);
         let now = Instant::now();
         match sent {
             Err(_) => {
