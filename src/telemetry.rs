@@ -91,18 +91,21 @@ pub struct DnsQuery {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteStatus {
-    pub route: String,
+    /// Shared with the route table: no copy per request.
+    pub route: Arc<str>,
     pub code: u16,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabel {
-    pub route: String,
+    /// Shared with the route table: no copy per request.
+    pub route: Arc<str>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct UpstreamError {
-    pub route: String,
+    /// Shared with the route table: no copy per request.
+    pub route: Arc<str>,
     /// `connect`, `reset`, `timeout` or `status_5xx`.
     pub kind: &'static str,
 }

@@ -179,7 +179,7 @@ impl Gateway {
         self.metrics
             .gateway_upstream_errors
             .get_or_create(&UpstreamError {
-                route: route.name.to_string(),
+                route: route.name.clone(),
                 kind,
             })
             .inc();

@@ -72,17 +72,16 @@ impl Completion {
             "request"
         );
         let metrics = &self.gateway.metrics;
-        let route = self.route.to_string();
         metrics
             .gateway_requests
             .get_or_create(&RouteStatus {
-                route: route.clone(),
+                route: self.route.clone(),
                 code: self.status,
             })
             .inc();
         metrics
             .gateway_duration
-            .get_or_create(&RouteLabel { route })
+            .get_or_create(&RouteLabel { route: self.route })
             .observe(seconds);
     }
 }
