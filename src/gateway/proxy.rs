@@ -255,15 +255,23 @@ async fn forward(
     parts.headers.insert(REQUEST_ID, request_id.clone());
     let traceparent = gateway.ids.traceparent(&parts.headers);
     parts.headers.insert(TRACEPARENT, traceparent);
-    if let Some(host) = route.host_rewrite.clone().or(original_host) {
-        parts.headers.insert(header::HOST, host);
+    match route.upstream {
+        UpstreamProtocol::Http1 => {
+            if let Some(host) = route.host_rewrite.clone().or(original_host) {
+                parts.headers.insert(header::HOST, host);
+            }
+        }
+        // HTTP/2 carries the host as :authority, from the request's URI.
+        UpstreamProtocol::H2 => {
+            parts.headers.remove(header::HOST);
+        }
     }
     let path = route.rewrite(parts.uri.path(), parts.uri.query());
     let attempts = if replayable { 1 + route.retries } else { 1 };
     let mut body = Some(body);
     let mut tried: Vec<Arc<str>> = Vec::new();
     let mut last: Option<(Failure, Arc<str>)> = None;
-    for _ in 0..attempts {
+    for attempt in 1..=attempts {
         let backends = gateway.backends(route, upstream).await;
         if backends.is_empty() {
             let message = format!("no healthy instance of service {:?}", route.service);
@@ -282,7 +290,14 @@ async fn forward(
             Some(body) => body.map_err(BoxError::from).boxed(),
             None => Empty::new().map_err(|never| match never {}).boxed(),
         };
-        let Some(outgoing) = build_request(&parts, backend, &path, route.upstream, body) else {
+        // Only an attempt that may be followed by another needs a copy.
+        let headers = if attempt == attempts {
+            std::mem::take(&mut parts.headers)
+        } else {
+            parts.headers.clone()
+        };
+        let outgoing = build_request(&parts.method, headers, backend, &path, route.upstream, body);
+        let Some(outgoing) = outgoing else {
             let failure = Failure::new(StatusCode::BAD_GATEWAY, "cannot address the upstream");
             return Err((failure, Some(backend.key.clone())));
         };
@@ -344,7 +359,8 @@ async fn forward(
 }
 
 fn build_request(
-    parts: &hyper::http::request::Parts,
+    method: &Method,
+    headers: hyper::HeaderMap,
     backend: &Backend,
     path: &str,
     protocol: UpstreamProtocol,
@@ -356,17 +372,13 @@ fn build_request(
     uri.path_and_query = Some(path.parse().ok()?);
     let uri = Uri::from_parts(uri).ok()?;
     let mut request = Request::new(body);
-    *request.method_mut() = parts.method.clone();
+    *request.method_mut() = method.clone();
     *request.uri_mut() = uri;
     *request.version_mut() = match protocol {
         UpstreamProtocol::Http1 => Version::HTTP_11,
         UpstreamProtocol::H2 => Version::HTTP_2,
     };
-    *request.headers_mut() = parts.headers.clone();
-    if protocol == UpstreamProtocol::H2 {
-        // HTTP/2 carries the host as :authority.
-        request.headers_mut().remove(header::HOST);
-    }
+    *request.headers_mut() = headers;
     Some(request)
 }
 
