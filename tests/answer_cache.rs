@@ -300,6 +300,83 @@ proptest! {
     }
 }
 
+/// How one query of a sequence differs from the others asking the same
+/// question: everything but the name's letters, type and class.
+#[derive(Debug, Clone)]
+struct Variant {
+    mask: u64,
+    id: u16,
+    recursion_desired: bool,
+    checking_disabled: bool,
+    edns: Option<u16>,
+    cookie: bool,
+    /// Asked over TCP rather than UDP.
+    stream: bool,
+}
+
+fn variant() -> impl Strategy<Value = Variant> {
+    (
+        any::<u64>(),
+        any::<u16>(),
+        any::<bool>(),
+        any::<bool>(),
+        prop_oneof![
+            Just(None),
+            Just(Some(512)),
+            Just(Some(1232)),
+            Just(Some(4096))
+        ],
+        any::<bool>(),
+        any::<bool>(),
+    )
+        .prop_map(
+            |(mask, id, recursion_desired, checking_disabled, edns, cookie, stream)| Variant {
+                mask,
+                id,
+                recursion_desired,
+                checking_disabled,
+                edns,
+                cookie,
+                stream,
+            },
+        )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(1000))]
+
+    /// One cache serves a sequence of differently shaped queries for the
+    /// same question, over UDP and TCP in any order: an entry filled by one
+    /// must answer the others as the general path would.
+    #[test]
+    fn an_entry_filled_by_one_query_answers_differently_shaped_ones(
+        name in 0..NAMES.len(),
+        rtype in 0..TYPES.len(),
+        variants in prop::collection::vec(variant(), 2..8),
+    ) {
+        let fixture = fixture();
+        let mut cache = AnswerCache::new();
+        for v in variants {
+            let ask = Ask {
+                name: mixed_case(NAMES[name], v.mask),
+                rtype: TYPES[rtype],
+                id: v.id,
+                recursion_desired: v.recursion_desired,
+                checking_disabled: v.checking_disabled,
+                edns: v.edns,
+                cookie: v.cookie,
+            };
+            let (reply, expected) = if v.stream {
+                (fast_stream(fixture, &mut cache, &ask), general_stream(fixture, &ask))
+            } else {
+                (fast(fixture, &mut cache, &ask), general(fixture, &ask))
+            };
+            prop_assert_eq!(&reply[..2], &v.id.to_be_bytes()[..]);
+            prop_assert_eq!(seen(&reply), seen(&expected), "{:?}", ask);
+        }
+    }
+}
+
 #[test]
 fn an_srv_answer_too_big_for_udp_is_truncated_on_both_paths() {
     let fixture = fixture();
