@@ -11,6 +11,7 @@ use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
 use hyper::header::{self, HeaderValue};
+use hyper::http::uri::PathAndQuery;
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
@@ -266,7 +267,10 @@ async fn forward(
             parts.headers.remove(header::HOST);
         }
     }
-    let path = route.rewrite(parts.uri.path(), parts.uri.query());
+    let Some(path) = route.upstream_path(&parts.uri) else {
+        let failure = Failure::new(StatusCode::BAD_GATEWAY, "cannot address the upstream");
+        return Err((failure, None));
+    };
     let attempts = if replayable { 1 + route.retries } else { 1 };
     let mut body = Some(body);
     let mut tried: Vec<Arc<str>> = Vec::new();
@@ -296,7 +300,14 @@ async fn forward(
         } else {
             parts.headers.clone()
         };
-        let outgoing = build_request(&parts.method, headers, backend, &path, route.upstream, body);
+        let outgoing = build_request(
+            &parts.method,
+            headers,
+            backend,
+            path.clone(),
+            route.upstream,
+            body,
+        );
         let Some(outgoing) = outgoing else {
             let failure = Failure::new(StatusCode::BAD_GATEWAY, "cannot address the upstream");
             return Err((failure, Some(backend.key.clone())));
@@ -362,14 +373,14 @@ fn build_request(
     method: &Method,
     headers: hyper::HeaderMap,
     backend: &Backend,
-    path: &str,
+    path: PathAndQuery,
     protocol: UpstreamProtocol,
     body: Body,
 ) -> Option<Request<Body>> {
     let mut uri = hyper::http::uri::Parts::default();
     uri.scheme = Some(hyper::http::uri::Scheme::HTTP);
     uri.authority = Some(backend.authority.clone());
-    uri.path_and_query = Some(path.parse().ok()?);
+    uri.path_and_query = Some(path);
     let uri = Uri::from_parts(uri).ok()?;
     let mut request = Request::new(body);
     *request.method_mut() = method.clone();

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use hyper::Method;
 use hyper::header::{HeaderMap, HeaderName, HeaderValue};
+use hyper::http::uri::PathAndQuery;
 
 use crate::config::{Balance, RouteConfig, UpstreamProtocol};
 use crate::registry::validate::dns_label;
@@ -185,6 +186,17 @@ impl Route {
                 .headers
                 .iter()
                 .all(|(name, value)| headers.get(name) == Some(value))
+    }
+
+    /// The upstream path and query for a request to `uri`, parsed once
+    /// for every attempt; the request's own, uncopied, when the route
+    /// rewrites nothing. `None` if the rewritten path is not a valid one.
+    pub fn upstream_path(&self, uri: &hyper::Uri) -> Option<PathAndQuery> {
+        if let (Rewrite::None, Some(original)) = (&self.rewrite, uri.path_and_query()) {
+            return Some(original.clone());
+        }
+        let rewritten = self.rewrite(uri.path(), uri.query());
+        PathAndQuery::from_maybe_shared(bytes::Bytes::from(rewritten)).ok()
     }
 
     /// The upstream path (and query) for `path_and_query`.
@@ -408,6 +420,24 @@ mod tests {
         assert_eq!(replace.rewrite("/api/orders", None), "/v2/orders");
         let keep = Route::compile(&route("k", "")).unwrap();
         assert_eq!(keep.rewrite("/a/b", None), "/a/b");
+    }
+
+    #[test]
+    fn the_upstream_path_is_the_requests_own_unless_rewritten() {
+        let uri: hyper::Uri = "/api/orders/42?a=1".parse().unwrap();
+        let keep = Route::compile(&route("k", "")).unwrap();
+        let kept = keep.upstream_path(&uri).unwrap();
+        assert_eq!(kept.as_str(), "/api/orders/42?a=1");
+        // Shared, not copied: the very bytes of the request's URI.
+        assert_eq!(
+            kept.as_str().as_ptr(),
+            uri.path_and_query().unwrap().as_str().as_ptr()
+        );
+        let strip = Route::compile(&route("s", "strip_prefix = \"/api\"")).unwrap();
+        assert_eq!(
+            strip.upstream_path(&uri).unwrap().as_str(),
+            "/orders/42?a=1"
+        );
     }
 
     #[test]
