@@ -170,20 +170,17 @@ impl Picker {
         outliers: &Outliers,
         now: Instant,
     ) -> Option<usize> {
-        let untried: Vec<usize> = (0..backends.len())
-            .filter(|&i| !tried.contains(&backends[i].key))
-            .collect();
-        let healthy: Vec<usize> = untried
-            .iter()
-            .copied()
-            .filter(|&i| !outliers.is_ejected(&backends[i].stats, now))
-            .collect();
+        let untried = |i: usize| !tried.contains(&backends[i].key);
+        let healthy = |i: usize| !outliers.is_ejected(&backends[i].stats, now);
         // Never eject the last instance(s): if all are ejected, use them all.
-        let usable = if healthy.is_empty() { untried } else { healthy };
-        let priority = usable.iter().map(|&i| backends[i].priority).min()?;
-        let level: Vec<usize> = usable
-            .into_iter()
-            .filter(|&i| backends[i].priority == priority)
+        let any_healthy = (0..backends.len()).any(|i| untried(i) && healthy(i));
+        let usable = |i: &usize| untried(*i) && (!any_healthy || healthy(*i));
+        let priority = (0..backends.len())
+            .filter(usable)
+            .map(|i| backends[i].priority)
+            .min()?;
+        let level: Vec<usize> = (0..backends.len())
+            .filter(|i| usable(i) && backends[*i].priority == priority)
             .collect();
         match self.balance {
             Balance::RoundRobin => Some(self.weighted_round_robin(backends, &level)),
