@@ -5,6 +5,7 @@
 mod support;
 
 use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
 
 use muster::Config;
 use serde_json::{Value, json};
@@ -33,6 +34,13 @@ port = "http"
 strip_prefix = "/api"
 timeout = "500ms"
 "#;
+
+/// ORDERS with `from` replaced by `to`; `from` must be there, so a test
+/// cannot quietly run on the unchanged config.
+fn orders_with(from: &str, to: &str) -> String {
+    assert!(ORDERS.contains(from), "ORDERS has no {from:?}");
+    ORDERS.replace(from, to)
+}
 
 fn gateway_url(muster: &Muster, path: &str) -> String {
     format!("http://{}{}", muster.gateway.unwrap(), path)
@@ -94,8 +102,10 @@ async fn requests_round_robin_by_weight() {
 
 #[tokio::test]
 async fn least_request_spreads_over_idle_instances() {
-    let config =
-        with_gateway(&ORDERS.replace("timeout = \"500ms\"", "balance = \"least_request\""));
+    let config = with_gateway(&orders_with(
+        "timeout = \"500ms\"",
+        "balance = \"least_request\"",
+    ));
     let muster = start_with(config).await;
     let (a, b) = (Upstream::start("a").await, Upstream::start("b").await);
     muster
@@ -104,9 +114,34 @@ async fn least_request_spreads_over_idle_instances() {
     muster
         .register_ok("orders", "b", b.instance(json!({})))
         .await;
-    let spread = spread(&muster, "/api/orders", 40).await;
-    assert_eq!(spread.values().sum::<usize>(), 40);
-    assert!(spread.len() == 2, "both instances get requests: {spread:?}");
+    let spread_out = spread(&muster, "/api/orders", 40).await;
+    assert_eq!(spread_out.values().sum::<usize>(), 40);
+    assert!(
+        spread_out.len() == 2,
+        "both instances get requests: {spread_out:?}"
+    );
+    // Round robin would do that too. Keep one instance busy with a slow
+    // request: least-request must send everything else to the other.
+    let hits = || (a.hits.load(Ordering::SeqCst), b.hits.load(Ordering::SeqCst));
+    let (a_before, b_before) = hits();
+    let slow = tokio::spawn(
+        muster
+            .http
+            .get(gateway_url(&muster, "/api/orders/slow"))
+            .send(),
+    );
+    let busy = support::wait_until("the slow request reaches an instance", || async {
+        let (a_now, b_now) = hits();
+        (a_now + b_now > a_before + b_before).then_some(if a_now > a_before { "a" } else { "b" })
+    })
+    .await;
+    let while_busy = spread(&muster, "/api/orders", 20).await;
+    assert_eq!(
+        while_busy.keys().collect::<Vec<_>>(),
+        [if busy == "a" { "b" } else { "a" }],
+        "all to the idle instance while {busy} is busy"
+    );
+    slow.abort();
     muster.stop().await;
 }
 
@@ -250,7 +285,7 @@ async fn failures_answer_503_502_504_and_404_in_json() {
 
 #[tokio::test]
 async fn headers_are_cleaned_forwarded_and_traced() {
-    let config = with_gateway(&ORDERS.replace(
+    let config = with_gateway(&orders_with(
         "[[gateway.routes]]",
         "[[gateway.routes]]\nhost_rewrite = \"orders.internal\"",
     ));
@@ -330,7 +365,7 @@ async fn headers_are_cleaned_forwarded_and_traced() {
 
 #[tokio::test]
 async fn trusted_proxies_extend_the_forwarding_headers() {
-    let config = with_gateway(&ORDERS.replace(
+    let config = with_gateway(&orders_with(
         "[gateway]",
         "[gateway]\ntrusted_proxies = [\"127.0.0.0/8\"]",
     ));
