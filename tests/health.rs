@@ -398,7 +398,7 @@ async fn a_blocking_query_returns_on_a_change_and_at_the_end_of_its_wait() {
         .parse()
         .unwrap();
 
-    let waiter = {
+    let mut waiter = {
         let muster = muster.clone();
         tokio::spawn(async move {
             let url = muster.url(&format!("/v1/services/watched?index={index}&wait=60s"));
@@ -417,10 +417,20 @@ async fn a_blocking_query_returns_on_a_change_and_at_the_end_of_its_wait() {
             (header, response.json::<Value>().await.unwrap())
         })
     };
-    // Another service changing does not wake the watcher.
+    // Deliberate pauses proving a negative: the watcher is parked, and
+    // another service changing does not wake it.
+    let parked = Duration::from_millis(300);
+    assert!(
+        tokio::time::timeout(parked, &mut waiter).await.is_err(),
+        "parked before any change"
+    );
     muster
         .register_ok("other", "x-1", support::instance("10.0.4.9", 80))
         .await;
+    assert!(
+        tokio::time::timeout(parked, &mut waiter).await.is_err(),
+        "another service's change does not wake the watcher"
+    );
     muster
         .register_ok("watched", "w-2", support::instance("10.0.4.2", 80))
         .await;
