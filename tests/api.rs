@@ -58,7 +58,8 @@ async fn put_is_idempotent_and_replaces() {
         .await;
     let (_, same) = muster.get("/v1/status").await;
     assert_eq!(
-        same["index"], before["index"],
+        same["index"].as_u64().unwrap(),
+        before["index"].as_u64().unwrap(),
         "an identical PUT changes nothing"
     );
     let replaced = muster
@@ -248,7 +249,8 @@ async fn every_validation_rule_names_its_field_and_changes_nothing() {
     }
     let (_, after) = muster.get("/v1/status").await;
     assert_eq!(
-        after["index"], before["index"],
+        after["index"].as_u64().unwrap(),
+        before["index"].as_u64().unwrap(),
         "no rejected request changed anything"
     );
     assert_eq!(after["instances"], before["instances"]);

@@ -136,18 +136,11 @@ async fn until_reply(
     name: &str,
     check: impl Fn(&hickory_proto::op::Message) -> bool,
 ) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
+    support::wait_until(&format!("a matching reply for {name}"), || async {
         let reply = query_udp(dns, &query(name, RecordType::A, None)).await;
-        if check(&reply) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no matching reply for {name}: {reply:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        check(&reply).then_some(())
+    })
+    .await;
 }
 
 #[tokio::test]

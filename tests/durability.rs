@@ -210,7 +210,8 @@ async fn deregistered_instances_stay_gone_and_state_survives_a_restart() {
     assert_eq!(c["health"]["status"], "critical");
     let (_, index_after) = get(&client, &served, "/v1/status").await;
     assert_eq!(
-        index_after["index"], index_before["index"],
+        index_after["index"].as_u64().unwrap(),
+        index_before["index"].as_u64().unwrap(),
         "indexes continue across restarts"
     );
 }
