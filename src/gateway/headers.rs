@@ -20,29 +20,28 @@ const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection")
 /// Longest client request id kept.
 const MAX_REQUEST_ID: usize = 128;
 
+/// The comma-separated tokens of every `name` field, trimmed.
+pub fn tokens(headers: &HeaderMap, name: HeaderName) -> impl Iterator<Item = &str> {
+    headers
+        .get_all(name)
+        .into_iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+}
+
 /// Removes hop-by-hop fields: those named in `Connection`, and the
 /// standard ones. `te: trailers` survives (it asks for trailers end to
 /// end); with `upgrade`, `Connection: upgrade` and `Upgrade` survive too.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+    let named: Vec<HeaderName> = tokens(headers, header::CONNECTION)
+        .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
         .filter(|name| !(upgrade && name == header::UPGRADE))
         .collect();
     for name in named {
         headers.remove(name);
     }
-    let trailers = headers
-        .get_all(header::TE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .any(|v| {
-            v.split(',')
-                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
-        });
+    let trailers = tokens(headers, header::TE).any(|t| t.eq_ignore_ascii_case("trailers"));
     for name in [
         KEEP_ALIVE,
         PROXY_CONNECTION,

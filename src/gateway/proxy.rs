@@ -18,7 +18,7 @@ use tokio::time::Instant;
 use tracing::{debug, info};
 
 use super::balance::{Backend, InFlight};
-use super::headers::{Peer, REQUEST_ID, TRACEPARENT, set_forwarded, strip_hop_by_hop};
+use super::headers::{Peer, REQUEST_ID, TRACEPARENT, set_forwarded, strip_hop_by_hop, tokens};
 use super::{Gateway, Policy};
 use crate::config::UpstreamProtocol;
 use crate::telemetry::{RouteLabel, RouteStatus};
@@ -213,13 +213,7 @@ fn is_idempotent(method: &Method) -> bool {
 fn wants_upgrade(request: &Request<Incoming>) -> bool {
     request.version() == Version::HTTP_11
         && request.headers().contains_key(header::UPGRADE)
-        && request
-            .headers()
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+        && tokens(request.headers(), header::CONNECTION).any(|t| t.eq_ignore_ascii_case("upgrade"))
 }
 
 type Forwarded = Result<(Response<Body>, Arc<str>), (Failure, Option<Arc<str>>)>;
