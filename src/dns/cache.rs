@@ -396,7 +396,8 @@ impl<'a> SimpleQuery<'a> {
                     let start = if i == 0 { 0 } else { ends[i - 1] as usize };
                     &bytes[start..ends[i] as usize]
                 };
-                let paired = rotation.paired && ends.len() == 2 * answers;
+                // Additionals are stored only when paired with the answers.
+                let paired = ends.len() > *answers;
                 let mut chosen = 0u16;
                 self.write_head(entry, false, [0, 0, 0], out);
                 for i in rotation.order(turn, cap) {

@@ -49,8 +49,8 @@ pub async fn serve(
     let mut tally = DnsTally::new(metrics, "udp");
     let mut batches: u32 = 0;
     while !shutdown.is_cancelled() {
-        let received = match socket.try_io(Interest::READABLE, || batch.receive(fd)) {
-            Ok(received) => received,
+        match socket.try_io(Interest::READABLE, || batch.receive(fd)) {
+            Ok(()) => {}
             Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
                 // Idle: the counts go out now, then wait for the next query.
                 tally.flush();
@@ -65,9 +65,9 @@ pub async fn serve(
                 debug!(error = %error, "dns udp receive failed");
                 continue;
             }
-        };
+        }
         let arrived = Instant::now();
-        batch.answer(received, &authority, &mut cache, rrl.as_deref());
+        batch.answer(&authority, &mut cache, rrl.as_deref());
         send_all(&socket, fd, &mut batch).await;
         let elapsed = arrived.elapsed();
         for outcome in batch.outcomes.iter().flatten() {
@@ -137,8 +137,8 @@ impl Batch {
     }
 
     /// Reads up to [`BATCH`] waiting datagrams without blocking (one
-    /// `recvmmsg`); how many arrived.
-    fn receive(&mut self, fd: RawFd) -> io::Result<usize> {
+    /// `recvmmsg`) into `received`.
+    fn receive(&mut self, fd: RawFd) -> io::Result<()> {
         // On the stack: the raw pointers inside must not live across an
         // await (they would make the loop's future !Send).
         let mut iovecs: [libc::iovec; BATCH] = std::array::from_fn(|i| libc::iovec {
@@ -175,24 +175,17 @@ impl Batch {
             let length = (header.msg_len as usize).min(RECV_BUFFER);
             self.received.push((length, socket_addr(source)));
         }
-        Ok(self.received.len())
+        Ok(())
     }
 
-    /// Answers the `count` datagrams received, queueing the replies to
-    /// send; the outcome of each (`None`: nothing to count).
-    fn answer(
-        &mut self,
-        count: usize,
-        authority: &Authority,
-        cache: &mut AnswerCache,
-        rrl: Option<&Rrl>,
-    ) {
+    /// Answers the datagrams received, queueing the replies to send and
+    /// noting the outcome of each (`None`: nothing to count).
+    fn answer(&mut self, authority: &Authority, cache: &mut AnswerCache, rrl: Option<&Rrl>) {
         self.replies.clear();
         self.unsent = 0;
         let outcomes = &mut self.outcomes;
         outcomes.clear();
-        for slot in 0..count {
-            let (length, source) = self.received[slot];
+        for (slot, &(length, source)) in self.received.iter().enumerate() {
             let Some(peer) = source.filter(|peer| peer.port() != 0) else {
                 outcomes.push(None);
                 continue;
