@@ -44,8 +44,10 @@ const DECODED_OPTIONS: [u16; 2] = [3, 8];
 
 /// One worker's cache of encoded answers.
 pub struct AnswerCache {
-    /// foldhash: several times cheaper than SipHash on short keys, and
-    /// seeded per process, so names cannot be chosen to collide.
+    /// foldhash, seeded per process so names cannot be chosen to collide.
+    /// With it (and one lookup per hit instead of two) the cached path
+    /// went from 1,983 to 1,228 instructions per query under callgrind;
+    /// SipHash had been a quarter of them.
     entries: HashMap<Box<[u8]>, Entry, foldhash::fast::RandomState>,
     /// The lowercased question of the query being answered.
     key: Vec<u8>,
