@@ -192,6 +192,10 @@ impl Picker {
     /// its instance's current value, takes the largest, and subtracts the
     /// total from it, so a 5:1:1 split comes out interleaved.
     fn weighted_round_robin(&self, backends: &[Backend], level: &[usize]) -> usize {
+        // One candidate: its current weight would come back to where it was.
+        if let [only] = level {
+            return *only;
+        }
         let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
         if current.len() > 4 * backends.len().max(16) {
             current.retain(|key, _| backends.iter().any(|b| &b.key == key));

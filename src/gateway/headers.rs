@@ -15,8 +15,6 @@ const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
-const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 /// Longest client request id kept.
 const MAX_REQUEST_ID: usize = 128;
 
@@ -34,32 +32,49 @@ pub fn tokens(headers: &HeaderMap, name: HeaderName) -> impl Iterator<Item = &st
 /// standard ones. `te: trailers` survives (it asks for trailers end to
 /// end); with `upgrade`, `Connection: upgrade` and `Upgrade` survive too.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
-    let named: Vec<HeaderName> = tokens(headers, header::CONNECTION)
-        .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
-        .filter(|name| !(upgrade && name == header::UPGRADE))
-        .collect();
-    for name in named {
-        headers.remove(name);
+    if !upgrade && !headers.keys().any(is_hop_by_hop) {
+        return;
     }
     let trailers = tokens(headers, header::TE).any(|t| t.eq_ignore_ascii_case("trailers"));
-    for name in [
-        KEEP_ALIVE,
-        PROXY_CONNECTION,
-        header::TE,
-        header::TRANSFER_ENCODING,
-        header::TRAILER,
-    ] {
+    // Fields `Connection` names besides the standard ones (`close` names none).
+    let listed: Vec<HeaderName> = tokens(headers, header::CONNECTION)
+        .filter(|t| !t.eq_ignore_ascii_case("close"))
+        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+        .filter(|name| !is_hop_by_hop(name))
+        .collect();
+    let kept_for_upgrade =
+        |name: &HeaderName| upgrade && (name == header::CONNECTION || name == header::UPGRADE);
+    // At most the seven standard names; no allocation.
+    let mut standard: [Option<HeaderName>; 7] = Default::default();
+    let present = headers
+        .keys()
+        .filter(|name| is_hop_by_hop(name) && !kept_for_upgrade(name));
+    for (slot, name) in standard.iter_mut().zip(present) {
+        *slot = Some(name.clone());
+    }
+    for name in listed.into_iter().chain(standard.into_iter().flatten()) {
         headers.remove(name);
     }
     if upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    } else {
-        headers.remove(header::CONNECTION);
-        headers.remove(header::UPGRADE);
     }
     if trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
+}
+
+/// A field that never crosses a proxy (or names those that must not).
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "upgrade"
+            | "keep-alive"
+            | "proxy-connection"
+            | "te"
+            | "transfer-encoding"
+            | "trailer"
+    )
 }
 
 /// A client connection's address, with the header values it yields
@@ -97,10 +112,13 @@ pub fn set_forwarded(
     trusted: bool,
     host: Option<&HeaderValue>,
 ) {
-    let element = match host.and_then(|h| h.to_str().ok()) {
-        Some(host) => format!("{};host=\"{host}\"", peer.forwarded),
-        None => peer.forwarded.clone(),
-    };
+    let mut element = peer.forwarded.clone();
+    if let Some(host) = host.and_then(|h| h.to_str().ok()) {
+        element.reserve(host.len() + 7);
+        element.push_str(";host=\"");
+        element.push_str(host);
+        element.push('"');
+    }
     if trusted {
         let address = peer.address.to_str().unwrap_or("unknown");
         extend(headers, X_FORWARDED_FOR, address);
@@ -140,31 +158,38 @@ fn extend(headers: &mut HeaderMap, name: HeaderName, value: &str) {
     }
 }
 
-/// Random identifiers for requests and trace spans.
+/// Identifiers for requests and trace spans: a per-process random seed
+/// plus a counter, mixed by a bijection, so no two ids from one process
+/// collide and none can be guessed from the last.
 pub struct Ids {
-    seed: RandomState,
+    seed: u64,
     counter: AtomicU64,
 }
 
 impl Default for Ids {
     fn default() -> Self {
         Self {
-            seed: RandomState::new(),
+            seed: RandomState::new().hash_one(0u64),
             counter: AtomicU64::new(0),
         }
     }
 }
 
+/// 32 lowercase hex digits, as a trace id and a generated request id are.
+type Hex128 = [u8; 32];
+
 impl Ids {
     fn next_u64(&self) -> u64 {
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
         // A zero id is invalid in traceparent; never produce one.
-        self.seed.hash_one(n).max(1)
+        mix(n.wrapping_add(self.seed)).max(1)
     }
 
-    /// 32 lowercase hex digits.
-    fn hex128(&self) -> String {
-        format!("{:016x}{:016x}", self.next_u64(), self.next_u64())
+    fn hex128(&self) -> Hex128 {
+        let mut digits = [0; 32];
+        write_hex(&mut digits[..16], self.next_u64());
+        write_hex(&mut digits[16..], self.next_u64());
+        digits
     }
 
     /// The client's `X-Request-Id` if well-formed (1–128 of
@@ -180,22 +205,53 @@ impl Ids {
         });
         match given {
             Some(value) => value.clone(),
-            None => HeaderValue::from_str(&self.hex128()).unwrap_or(HeaderValue::from_static("0")),
+            None => hex_value(&self.hex128()),
         }
     }
 
     /// The `traceparent` to send upstream: the client's trace continued
     /// with a new span id for this hop, or a new trace.
     pub fn traceparent(&self, headers: &HeaderMap) -> HeaderValue {
-        let span = format!("{:016x}", self.next_u64());
         let continued = headers
             .get(TRACEPARENT)
             .and_then(|v| v.to_str().ok())
-            .and_then(parse_traceparent)
-            .map(|(trace, flags)| format!("00-{trace}-{span}-{flags}"));
-        let value = continued.unwrap_or_else(|| format!("00-{}-{span}-01", self.hex128()));
-        HeaderValue::from_str(&value).unwrap_or(HeaderValue::from_static("00"))
+            .and_then(parse_traceparent);
+        // `00-` trace `-` span `-` flags
+        let mut value = *b"00-________________________________-________________-__";
+        match continued {
+            Some((trace, flags)) => {
+                value[3..35].copy_from_slice(trace.as_bytes());
+                value[53..].copy_from_slice(flags.as_bytes());
+            }
+            None => {
+                value[3..35].copy_from_slice(&self.hex128());
+                value[53..].copy_from_slice(b"01");
+            }
+        }
+        write_hex(&mut value[36..52], self.next_u64());
+        hex_value(&value)
     }
+}
+
+/// A bijection on u64 that spreads consecutive inputs over the whole range
+/// (the finaliser of the SplitMix64 generator).
+fn mix(mut x: u64) -> u64 {
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// `n` as 16 lowercase hex digits into `out`.
+fn write_hex(out: &mut [u8], n: u64) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for (i, digit) in out.iter_mut().enumerate().take(16) {
+        *digit = DIGITS[(n >> (60 - 4 * i) & 0xf) as usize];
+    }
+}
+
+/// A header value from bytes known to be visible ASCII.
+fn hex_value(bytes: &[u8]) -> HeaderValue {
+    HeaderValue::from_bytes(bytes).unwrap_or(HeaderValue::from_static("0"))
 }
 
 /// (trace id, flags) of a valid version-00 `traceparent`.
@@ -249,6 +305,22 @@ mod tests {
         names.sort_unstable();
         assert_eq!(names, ["te", "x-kept"]);
         assert_eq!(h["te"], "trailers");
+    }
+
+    #[test]
+    fn a_keep_alive_response_loses_only_its_connection_fields() {
+        let mut h = headers(&[
+            ("content-type", "text/plain"),
+            ("connection", "keep-alive, Close"),
+            ("content-length", "2"),
+        ]);
+        strip_hop_by_hop(&mut h, false);
+        let mut names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["content-length", "content-type"]);
+        let mut untouched = headers(&[("x-a", "1"), ("x-b", "2")]);
+        strip_hop_by_hop(&mut untouched, false);
+        assert_eq!(untouched.len(), 2);
     }
 
     #[test]
