@@ -3,8 +3,8 @@
 //! Prometheus metrics the other modules count into.
 
 use std::io::IsTerminal;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, PoisonError, RwLock};
 use std::time::Duration;
 
 use hickory_proto::op::ResponseCode;
@@ -20,6 +20,9 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use tracing_subscriber::EnvFilter;
 
 use crate::config::{LogConfig, LogFormat};
+
+mod access;
+pub use access::ACCESS_TARGET;
 
 /// hickory-server logs every TCP query at `info`; muster logs no query at
 /// `info`, so hickory is held to warnings unless a filter names it.
@@ -50,6 +53,7 @@ pub fn init(log: &LogConfig) {
         LogFormat::Json => builder.json().try_init(),
         LogFormat::Text => builder
             .with_ansi(std::io::stderr().is_terminal())
+            .event_format(access::TextFormat::default())
             .try_init(),
     };
     // A second init (tests in one process) keeps the first subscriber.
@@ -100,6 +104,54 @@ pub struct RouteStatus {
 pub struct RouteLabel {
     /// Shared with the route table: no copy per request.
     pub route: Arc<str>,
+}
+
+/// One gateway route's metric handles, taken from the families on first
+/// use instead of being looked up (hashed, locked) on every request.
+#[derive(Default)]
+pub struct RouteMeters {
+    duration: OnceLock<Histogram>,
+    /// Requests by status code; a route sees a handful of codes.
+    by_status: RwLock<Vec<(u16, Counter)>>,
+}
+
+impl RouteMeters {
+    /// Counts one finished request on `route`.
+    pub fn record(&self, metrics: &Metrics, route: &Arc<str>, status: u16, seconds: f64) {
+        self.duration
+            .get_or_init(|| {
+                let label = RouteLabel {
+                    route: route.clone(),
+                };
+                metrics.gateway_duration.get_or_create(&label).clone()
+            })
+            .observe(seconds);
+        self.requests(metrics, route, status).inc();
+    }
+
+    fn requests(&self, metrics: &Metrics, route: &Arc<str>, status: u16) -> Counter {
+        let known = self
+            .by_status
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some((_, counter)) = known.iter().find(|(code, _)| *code == status) {
+            return counter.clone();
+        }
+        drop(known);
+        let label = RouteStatus {
+            route: route.clone(),
+            code: status,
+        };
+        let counter = metrics.gateway_requests.get_or_create(&label).clone();
+        let mut known = self
+            .by_status
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        if !known.iter().any(|(code, _)| *code == status) {
+            known.push((status, counter.clone()));
+        }
+        counter
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

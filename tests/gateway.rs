@@ -5,7 +5,7 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use muster::Config;
 use serde_json::{Value, json};
@@ -74,6 +74,92 @@ async fn spread(muster: &Muster, path: &str, n: usize) -> BTreeMap<String, usize
 
 fn counts(pairs: &[(&str, usize)]) -> BTreeMap<String, usize> {
     pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect()
+}
+
+#[tokio::test]
+async fn upstream_connections_are_reused_then_closed_when_idle() {
+    let toml = orders_with(
+        "eject_after_errors = 2",
+        "eject_after_errors = 2\nupstream_idle_timeout = \"300ms\"",
+    );
+    let muster = start_with(with_gateway(&toml)).await;
+    let backend = Upstream::start("o-1").await;
+    muster
+        .register_ok("orders", "o-1", backend.instance(json!({})))
+        .await;
+    for _ in 0..20 {
+        let (status, body, _) = get(&muster, "/api/orders/1").await;
+        assert_eq!(status, 200, "{body}");
+    }
+    assert_eq!(backend.hits(), 20);
+    assert_eq!(
+        backend.accepted.load(Ordering::SeqCst),
+        1,
+        "one request at a time needs one kept-alive connection"
+    );
+    support::wait_until("the idle upstream connection is closed", || async {
+        (backend.open.load(Ordering::SeqCst) == 0).then_some(())
+    })
+    .await;
+    let (status, body, _) = get(&muster, "/api/orders/1").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        backend.accepted.load(Ordering::SeqCst),
+        2,
+        "a new connection"
+    );
+}
+
+/// An upstream that answers one request per connection and then closes
+/// it, without saying so: a kept-alive connection that dies while idle.
+async fn closing_upstream() -> (std::net::SocketAddr, std::sync::Arc<AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = std::sync::Arc::new(AtomicUsize::new(0));
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        loop {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            counter.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let reply = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                let _ = stream.write_all(reply).await;
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+#[tokio::test]
+async fn a_kept_alive_connection_the_upstream_closed_is_not_reused() {
+    let muster = start_with(with_gateway(ORDERS)).await;
+    let (addr, accepted) = closing_upstream().await;
+    let instance = json!({"address": addr.ip().to_string(), "port": addr.port(), "ports": {"http": addr.port()}});
+    muster.register_ok("orders", "o-1", instance).await;
+    for round in 1..=10 {
+        let response = muster
+            .http
+            .get(gateway_url(&muster, "/api/orders/1"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "request {round}");
+        assert_eq!(response.text().await.unwrap(), "ok");
+    }
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        10,
+        "a connection per request"
+    );
 }
 
 #[tokio::test]

@@ -4,13 +4,15 @@
 //! and DNS never disagree.
 //!
 //! Owns routing (`routes`), balancing and outlier ejection (`balance`),
-//! header hygiene (`headers`) and forwarding (`proxy`). Routes live in an
+//! header hygiene (`headers`), forwarding (`proxy`) and upstream HTTP/1
+//! connections (`pool`). Routes live in an
 //! immutable [`Policy`] swapped whole on reload; requests in flight finish
 //! with the policy they started with. Never writes to the registry.
 
 mod balance;
 mod discovery;
 mod headers;
+mod pool;
 mod proxy;
 mod routes;
 
@@ -21,7 +23,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use http_body_util::BodyExt;
+use hyper::http::uri::Authority;
 use hyper::service::service_fn;
+use hyper::{Request, Response};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -37,11 +42,12 @@ pub use routes::validate_route;
 
 use crate::config::{Config, GatewayConfig, UpstreamProtocol};
 use crate::registry::Registry;
-use crate::telemetry::{Metrics, UpstreamError};
+use crate::telemetry::{Metrics, RouteMeters, UpstreamError};
 use balance::{Backend, Outliers, Picker};
 use discovery::{BackendCache, Discovery, DnsDiscovery};
 use headers::{Ids, Peer};
-use proxy::Body;
+use pool::{Http1Pool, SendError};
+use proxy::{Body, BoxError};
 use routes::{Route, RouteTable};
 
 /// Connections served at once; more wait in the kernel's backlog.
@@ -62,8 +68,42 @@ pub struct GatewayError {
 /// A route's connection pool, balancing state and last backends.
 struct Upstream {
     picker: Picker,
-    client: Client<HttpConnector, Body>,
+    meters: Arc<RouteMeters>,
+    client: UpstreamClient,
     backends: BackendCache,
+}
+
+/// How a route reaches its instances.
+enum UpstreamClient {
+    Http1(Http1Pool),
+    H2(Box<Client<HttpConnector, Body>>),
+}
+
+impl UpstreamClient {
+    fn new(route: &Route, idle_timeout: Duration) -> Self {
+        match route.upstream {
+            UpstreamProtocol::Http1 => {
+                Self::Http1(Http1Pool::new(route.connect_timeout, idle_timeout))
+            }
+            UpstreamProtocol::H2 => Self::H2(Box::new(h2_client(route, idle_timeout))),
+        }
+    }
+
+    /// Sends `request`, addressed in the form its protocol wants (see
+    /// `proxy::build_request`), to the instance at `authority`.
+    async fn send(
+        &self,
+        authority: &Authority,
+        request: Request<Body>,
+    ) -> Result<Response<Body>, SendError> {
+        match self {
+            Self::Http1(pool) => pool.send(authority, request).await,
+            Self::H2(client) => {
+                let response = client.request(request).await?;
+                Ok(response.map(|body| body.map_err(BoxError::from).boxed()))
+            }
+        }
+    }
 }
 
 /// Everything a reload replaces: routes, their upstream state, and who is
@@ -86,7 +126,8 @@ impl Policy {
             .iter()
             .map(|route| Upstream {
                 picker: Picker::new(route.balance),
-                client: client(route, config.upstream_idle_timeout),
+                meters: Arc::default(),
+                client: UpstreamClient::new(route, config.upstream_idle_timeout),
                 backends: BackendCache::empty(),
             })
             .collect();
@@ -102,14 +143,14 @@ impl Policy {
     }
 }
 
-fn client(route: &Route, idle_timeout: Duration) -> Client<HttpConnector, Body> {
+fn h2_client(route: &Route, idle_timeout: Duration) -> Client<HttpConnector, Body> {
     let mut connector = HttpConnector::new();
     connector.set_connect_timeout(Some(route.connect_timeout));
     connector.set_nodelay(true);
     Client::builder(TokioExecutor::new())
         .pool_idle_timeout(idle_timeout)
         .pool_timer(TokioTimer::new())
-        .http2_only(route.upstream == UpstreamProtocol::H2)
+        .http2_only(true)
         .build(connector)
 }
 

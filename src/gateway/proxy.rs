@@ -11,17 +11,17 @@ use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
 use hyper::header::{self, HeaderValue};
-use hyper::http::uri::PathAndQuery;
+use hyper::http::uri::{Authority, PathAndQuery};
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
 use tracing::{debug, info};
 
-use super::balance::{Backend, InFlight};
+use super::balance::InFlight;
 use super::headers::{Peer, REQUEST_ID, TRACEPARENT, set_forwarded, strip_hop_by_hop, tokens};
 use super::{Gateway, Policy};
 use crate::config::UpstreamProtocol;
-use crate::telemetry::{RouteLabel, RouteStatus};
+use crate::telemetry::{ACCESS_TARGET, RouteLabel, RouteMeters, RouteStatus};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Every body the gateway sends or receives, boxed.
@@ -46,6 +46,8 @@ impl Failure {
 struct Completion {
     gateway: Arc<Gateway>,
     route: Arc<str>,
+    /// The matched route's metric handles; none when no route matched.
+    meters: Option<Arc<RouteMeters>>,
     service: Arc<str>,
     instance: Option<Arc<str>>,
     status: u16,
@@ -59,31 +61,36 @@ struct Completion {
 impl Completion {
     fn finish(self, bytes: u64) {
         let seconds = self.started.elapsed().as_secs_f64();
+        // Plain `&str` fields: the access formatter writes them as they are.
         info!(
-            target: "muster::access",
-            route = %self.route,
-            service = %self.service,
-            instance = %self.instance.as_deref().unwrap_or("-"),
+            target: ACCESS_TARGET,
+            route = &*self.route,
+            service = &*self.service,
+            instance = self.instance.as_deref().unwrap_or("-"),
             status = self.status,
-            method = %self.method,
-            path = %self.uri.path(),
+            method = self.method.as_str(),
+            path = self.uri.path(),
             bytes,
             latency_ms = seconds * 1000.0,
-            request_id = %self.request_id.to_str().unwrap_or("-"),
+            request_id = self.request_id.to_str().unwrap_or("-"),
             "request"
         );
         let metrics = &self.gateway.metrics;
-        metrics
-            .gateway_requests
-            .get_or_create(&RouteStatus {
-                route: self.route.clone(),
-                code: self.status,
-            })
-            .inc();
-        metrics
-            .gateway_duration
-            .get_or_create(&RouteLabel { route: self.route })
-            .observe(seconds);
+        match &self.meters {
+            Some(meters) => meters.record(metrics, &self.route, self.status, seconds),
+            None => {
+                let status = RouteStatus {
+                    route: self.route.clone(),
+                    code: self.status,
+                };
+                metrics.gateway_requests.get_or_create(&status).inc();
+                let route = RouteLabel { route: self.route };
+                metrics
+                    .gateway_duration
+                    .get_or_create(&route)
+                    .observe(seconds);
+            }
+        }
     }
 }
 
@@ -159,6 +166,7 @@ pub async fn handle(
     let mut completion = Completion {
         gateway: gateway.clone(),
         route: "-".into(),
+        meters: None,
         service: "-".into(),
         instance: None,
         status: 0,
@@ -172,6 +180,7 @@ pub async fn handle(
         return error_response(failure, completion);
     };
     completion.route = route.name.clone();
+    completion.meters = Some(policy.upstreams[index].meters.clone());
     completion.service = route.service.clone();
     let outcome = forward(&gateway, &policy, index, &peer, request_id, request).await;
     match outcome {
@@ -297,7 +306,7 @@ async fn forward(
         let outgoing = build_request(
             &parts.method,
             headers,
-            backend,
+            &backend.authority,
             path.clone(),
             route.upstream,
             body,
@@ -308,7 +317,8 @@ async fn forward(
         };
         let stats = &backend.stats;
         let in_flight = InFlight::start(stats);
-        let sent = tokio::time::timeout(route.timeout, upstream.client.request(outgoing)).await;
+        let sending = upstream.client.send(&backend.authority, outgoing);
+        let sent = tokio::time::timeout(route.timeout, sending).await;
         drop(in_flight);
         let now = Instant::now();
         match sent {
@@ -349,7 +359,6 @@ async fn forward(
                     strip_hop_by_hop(response.headers_mut(), false);
                 }
                 response.headers_mut().insert(REQUEST_ID, request_id);
-                let response = response.map(|b| b.map_err(BoxError::from).boxed());
                 return Ok((response, backend.key.clone()));
             }
         }
@@ -363,26 +372,36 @@ async fn forward(
     }
 }
 
+/// The request to send: HTTP/1 in origin form (`/path?query`, with Host
+/// set), HTTP/2 in absolute form (its `:authority` comes from the URI).
 fn build_request(
     method: &Method,
-    headers: hyper::HeaderMap,
-    backend: &Backend,
+    mut headers: hyper::HeaderMap,
+    authority: &Authority,
     path: PathAndQuery,
     protocol: UpstreamProtocol,
     body: Body,
 ) -> Option<Request<Body>> {
     let mut uri = hyper::http::uri::Parts::default();
-    uri.scheme = Some(hyper::http::uri::Scheme::HTTP);
-    uri.authority = Some(backend.authority.clone());
+    let version = match protocol {
+        UpstreamProtocol::Http1 => {
+            if !headers.contains_key(header::HOST) {
+                let host = HeaderValue::from_str(authority.as_str()).ok()?;
+                headers.insert(header::HOST, host);
+            }
+            Version::HTTP_11
+        }
+        UpstreamProtocol::H2 => {
+            uri.scheme = Some(hyper::http::uri::Scheme::HTTP);
+            uri.authority = Some(authority.clone());
+            Version::HTTP_2
+        }
+    };
     uri.path_and_query = Some(path);
-    let uri = Uri::from_parts(uri).ok()?;
     let mut request = Request::new(body);
     *request.method_mut() = method.clone();
-    *request.uri_mut() = uri;
-    *request.version_mut() = match protocol {
-        UpstreamProtocol::Http1 => Version::HTTP_11,
-        UpstreamProtocol::H2 => Version::HTTP_2,
-    };
+    *request.uri_mut() = Uri::from_parts(uri).ok()?;
+    *request.version_mut() = version;
     *request.headers_mut() = headers;
     Some(request)
 }

@@ -32,6 +32,9 @@ pub struct Upstream {
     pub name: String,
     pub addr: SocketAddr,
     pub hits: Arc<AtomicUsize>,
+    /// Connections accepted so far, and those still open.
+    pub accepted: Arc<AtomicUsize>,
+    pub open: Arc<AtomicUsize>,
     stop: CancellationToken,
 }
 
@@ -40,11 +43,15 @@ impl Upstream {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let hits = Arc::new(AtomicUsize::new(0));
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let open = Arc::new(AtomicUsize::new(0));
         let stop = CancellationToken::new();
         let upstream = Self {
             name: name.to_string(),
             addr,
             hits: hits.clone(),
+            accepted: accepted.clone(),
+            open: open.clone(),
             stop: stop.clone(),
         };
         let name = name.to_string();
@@ -58,10 +65,14 @@ impl Upstream {
                 let (name, hits) = (name.clone(), hits.clone());
                 let service =
                     service_fn(move |request| respond(name.clone(), hits.clone(), request));
+                accepted.fetch_add(1, Ordering::SeqCst);
+                open.fetch_add(1, Ordering::SeqCst);
+                let open = open.clone();
                 connections.spawn(async move {
                     let _ = auto::Builder::new(TokioExecutor::new())
                         .serve_connection(TokioIo::new(stream), service)
                         .await;
+                    open.fetch_sub(1, Ordering::SeqCst);
                 });
             }
             // Killing a backend closes its connections too.

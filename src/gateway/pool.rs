@@ -1,0 +1,287 @@
+//! Keep-alive HTTP/1.1 connections to upstream instances, one pool per
+//! route, keyed by instance address. A request takes an idle connection or
+//! dials a new one; the connection goes back to the pool when its response
+//! body has been read to the end, and closes if the body is abandoned or
+//! the connection is upgraded. Idle connections close after the route's
+//! idle timeout. HTTP/2 upstreams keep hyper-util's client.
+//!
+//! hyper-util's pooled client did the same for HTTP/1 but hashed its pool
+//! key several times per request and spawned a task per request to wait
+//! for the connection to become idle: about a tenth of the gateway's
+//! instructions per request.
+
+use std::collections::HashMap;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper::http::uri::Authority;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use super::proxy::{Body, BoxError};
+
+/// Why an upstream request got no response.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error("connecting to {authority}: {source}")]
+    Connect {
+        authority: Authority,
+        source: io::Error,
+    },
+    #[error("connecting to {authority}: no connection within {timeout:?}")]
+    ConnectTimeout {
+        authority: Authority,
+        timeout: Duration,
+    },
+    #[error("upstream connection: {0}")]
+    Http(#[from] hyper::Error),
+    /// From hyper-util's client (HTTP/2 upstreams).
+    #[error("upstream connection: {0}")]
+    Client(#[from] hyper_util::client::legacy::Error),
+}
+
+impl SendError {
+    /// Nothing reached the upstream: any request may be tried elsewhere.
+    pub fn is_connect(&self) -> bool {
+        match self {
+            Self::Connect { .. } | Self::ConnectTimeout { .. } => true,
+            Self::Http(_) => false,
+            Self::Client(error) => error.is_connect(),
+        }
+    }
+}
+
+/// A route's idle upstream connections.
+pub struct Http1Pool {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    idle: Mutex<HashMap<Authority, Vec<Idle>, foldhash::fast::RandomState>>,
+    connect_timeout: Duration,
+    idle_timeout: Duration,
+    /// Whether a task is closing expired idle connections.
+    sweeping: AtomicBool,
+}
+
+struct Idle {
+    sender: SendRequest<Body>,
+    since: Instant,
+}
+
+impl Http1Pool {
+    pub fn new(connect_timeout: Duration, idle_timeout: Duration) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                idle: Mutex::default(),
+                connect_timeout,
+                idle_timeout,
+                sweeping: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    /// Sends `request` (origin-form URI, Host set) to `authority` on a
+    /// pooled connection, or a new one. A request that a reused connection
+    /// closed before sending goes again on another.
+    pub async fn send(
+        &self,
+        authority: &Authority,
+        mut request: Request<Body>,
+    ) -> Result<Response<Body>, SendError> {
+        loop {
+            let (mut sender, reused) = match self.shared.take_idle(authority) {
+                Some(sender) => (sender, true),
+                None => (self.connect(authority).await?, false),
+            };
+            // A reused connection may still be settling after its last
+            // response, or be closing.
+            if reused && sender.ready().await.is_err() {
+                continue;
+            }
+            match sender.try_send_request(request).await {
+                Ok(response) => return Ok(self.lease(authority, sender, response)),
+                Err(mut failed) => match failed.take_message() {
+                    Some(unsent) if reused => request = unsent,
+                    _ => return Err(SendError::Http(failed.into_error())),
+                },
+            }
+        }
+    }
+
+    async fn connect(&self, authority: &Authority) -> Result<SendRequest<Body>, SendError> {
+        let timeout = self.shared.connect_timeout;
+        let connecting = TcpStream::connect(authority.as_str());
+        let stream = match tokio::time::timeout(timeout, connecting).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(source)) => {
+                let authority = authority.clone();
+                return Err(SendError::Connect { authority, source });
+            }
+            Err(_) => {
+                let authority = authority.clone();
+                return Err(SendError::ConnectTimeout { authority, timeout });
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let (sender, connection) = http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(connection.with_upgrades());
+        Ok(sender)
+    }
+
+    /// The response, with a body that returns the connection when read.
+    fn lease(
+        &self,
+        authority: &Authority,
+        sender: SendRequest<Body>,
+        response: Response<Incoming>,
+    ) -> Response<Body> {
+        // An upgraded connection belongs to the tunnel from now on.
+        let reusable = response.status() != StatusCode::SWITCHING_PROTOCOLS;
+        response.map(|inner| {
+            let lease = reusable.then(|| Lease {
+                sender,
+                authority: authority.clone(),
+                pool: Arc::downgrade(&self.shared),
+            });
+            let mut body = PooledBody { inner, lease };
+            body.release_if_done();
+            body.boxed()
+        })
+    }
+}
+
+impl Shared {
+    fn take_idle(&self, authority: &Authority) -> Option<SendRequest<Body>> {
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        let waiting = idle.get_mut(authority)?;
+        while let Some(connection) = waiting.pop() {
+            if !connection.sender.is_closed() && connection.since.elapsed() < self.idle_timeout {
+                return Some(connection.sender);
+            }
+        }
+        None
+    }
+
+    fn put(self: &Arc<Self>, authority: Authority, sender: SendRequest<Body>) {
+        if sender.is_closed() {
+            return;
+        }
+        let since = Instant::now();
+        self.idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(authority)
+            .or_default()
+            .push(Idle { sender, since });
+        if !self.sweeping.swap(true, Ordering::AcqRel) {
+            tokio::spawn(sweep(Arc::downgrade(self)));
+        }
+    }
+
+    /// Drops expired and closed connections; whether any are left.
+    fn expire(&self) -> bool {
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        idle.retain(|_, waiting| {
+            waiting.retain(|c| !c.sender.is_closed() && c.since.elapsed() < self.idle_timeout);
+            !waiting.is_empty()
+        });
+        !idle.is_empty()
+    }
+}
+
+/// Closes idle connections as they expire, for as long as there are any
+/// and the pool is in use (a reload drops the pool and ends this).
+async fn sweep(pool: Weak<Shared>) {
+    loop {
+        let Some(shared) = pool.upgrade() else { return };
+        let period = (shared.idle_timeout / 2).max(Duration::from_millis(10));
+        drop(shared);
+        tokio::time::sleep(period).await;
+        let Some(shared) = pool.upgrade() else { return };
+        if !shared.expire() {
+            shared.sweeping.store(false, Ordering::Release);
+            // A connection put back since the check starts a new sweep.
+            if shared.expire() && !shared.sweeping.swap(true, Ordering::AcqRel) {
+                continue;
+            }
+            return;
+        }
+    }
+}
+
+/// A connection on loan to one response.
+struct Lease {
+    sender: SendRequest<Body>,
+    authority: Authority,
+    pool: Weak<Shared>,
+}
+
+/// An upstream response body that gives its connection back at the end.
+struct PooledBody {
+    inner: Incoming,
+    lease: Option<Lease>,
+}
+
+impl PooledBody {
+    /// Returns the connection to its pool, once.
+    fn give_back(&mut self) {
+        if let Some(lease) = self.lease.take()
+            && let Some(pool) = lease.pool.upgrade()
+        {
+            pool.put(lease.authority, lease.sender);
+        }
+    }
+
+    fn release_if_done(&mut self) {
+        if self.inner.is_end_stream() {
+            self.give_back();
+        }
+    }
+}
+
+impl HttpBody for PooledBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(_))) => self.release_if_done(),
+            // A broken body leaves the connection in an unknown state.
+            Poll::Ready(Some(Err(_))) => self.lease = None,
+            Poll::Ready(None) => self.give_back(),
+            Poll::Pending => {}
+        }
+        polled.map(|frame| frame.map(|result| result.map_err(BoxError::from)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for PooledBody {
+    /// hyper stops polling a body that says it has ended, without waiting
+    /// for the final `None`.
+    fn drop(&mut self) {
+        self.release_if_done();
+    }
+}
