@@ -13,7 +13,7 @@ use hickory_proto::rr::RecordType;
 use hickory_server::net::xfer::Protocol;
 use muster::dns::cache::AnswerCache;
 use muster::dns::respond;
-use support::authority;
+use support::authority_and_registry;
 
 fn query(name: &str, rtype: RecordType) -> Vec<u8> {
     support::query(name, rtype, 4242)
@@ -27,7 +27,7 @@ fn handler(c: &mut Criterion) {
         .build()
         .unwrap();
     for services in [10, 10_000] {
-        let authority = runtime.block_on(authority(services));
+        let (authority, _) = runtime.block_on(authority_and_registry(services));
         let target = format!("svc-{}", services / 2);
         let cases = [
             (

@@ -469,6 +469,13 @@ fn a_cached_answer_follows_changes_to_its_service_and_zones() {
         3,
         "its own service's change shows at once"
     );
+    fixture.register("web", "w-10", "10.0.0.10", 10);
+    fixture.register("other", "o-2", "10.9.0.2", 1);
+    assert_eq!(
+        count(&mut cache),
+        4,
+        "a change behind another service's change shows too"
+    );
 
     let nothing = Ask::simple("fresh.svc.internal.", RecordType::A);
     let rcode = |cache: &mut AnswerCache| {

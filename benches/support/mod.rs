@@ -10,28 +10,17 @@ use muster::dns::{Authority, RegistryZone};
 use muster::registry::{Change, InstanceSpec, Registry};
 
 /// An authority over `services` services (`svc-N`) of 3 instances each,
-/// every instance with the named port `http`. Call inside a runtime.
-pub async fn authority(services: usize) -> Authority {
+/// every instance with the named port `http`, and the registry it answers
+/// from. Call inside a runtime.
+pub async fn authority_and_registry(services: usize) -> (Authority, Arc<Registry>) {
     let registry = Arc::new(Registry::default());
     for s in 0..services {
         for i in 0..3 {
-            let spec: InstanceSpec = serde_json::from_value(serde_json::json!({
-                "address": format!("10.{}.{}.{}", s / 256 % 256, s % 256, i + 1),
-                "port": 8080,
-                "ports": {"http": 8080},
-            }))
-            .unwrap();
-            let instance = spec
-                .into_instance(&format!("svc-{s}"), &format!("i-{i}"))
-                .unwrap();
-            registry
-                .apply(Change::Register(Box::new(instance)))
-                .await
-                .unwrap();
+            register(&registry, s, i).await;
         }
     }
-    Authority::new(
-        registry,
+    let authority = Authority::new(
+        registry.clone(),
         ZoneSet::default(),
         RegistryZone {
             origin: Name::from_ascii("svc.internal.").unwrap(),
@@ -41,7 +30,25 @@ pub async fn authority(services: usize) -> Authority {
             reverse: false,
             transfers: Vec::new(),
         },
-    )
+    );
+    (authority, registry)
+}
+
+/// Registers instance `i-{instance}` of `svc-{service}`.
+pub async fn register(registry: &Registry, service: usize, instance: usize) {
+    let spec: InstanceSpec = serde_json::from_value(serde_json::json!({
+        "address": format!("10.{}.{}.{}", service / 256 % 256, service % 256, instance + 1),
+        "port": 8080,
+        "ports": {"http": 8080},
+    }))
+    .unwrap();
+    let instance = spec
+        .into_instance(&format!("svc-{service}"), &format!("i-{instance}"))
+        .unwrap();
+    registry
+        .apply(Change::Register(Box::new(instance)))
+        .await
+        .unwrap();
 }
 
 /// A query for `name` `rtype` with id `id` and EDNS (payload 1232).

@@ -19,10 +19,10 @@ use hickory_proto::rr::{Record, RecordType};
 use hickory_proto::serialize::binary::{BinDecodable, BinDecoder, BinEncodable, BinEncoder};
 use hickory_server::net::xfer::Protocol;
 
-use super::answer::{Answer, Authority, Rotation, Validity};
+use super::answer::{Answer, Authority, Rotation, Scope, Validity};
 use super::rrl::{Decision, Rrl};
 use super::wire::{CLASSIC_UDP_PAYLOAD, MAX_UDP_PAYLOAD, Outcome, respond};
-use crate::registry::Snapshot;
+use crate::registry::{Snapshot, journal_key};
 
 /// Answers all UDP workers together keep, so a flood of distinct names
 /// cannot grow memory without bound however many cores there are; each
@@ -74,6 +74,8 @@ struct Entry {
     validity: Validity,
     /// The snapshot version this entry was last found valid at.
     checked: u64,
+    /// The journal key of the service it answers from, if one.
+    service_key: Option<u64>,
 }
 
 enum Records {
@@ -488,6 +490,10 @@ impl Entry {
             rcode: answer.rcode,
             authoritative: answer.authoritative,
             checked: prepared.version,
+            service_key: match &prepared.validity.scope {
+                Scope::Service(name, _) => Some(journal_key(name)),
+                Scope::Zones | Scope::Registry(_) => None,
+            },
             validity: prepared.validity,
         })
     }
@@ -501,7 +507,12 @@ impl Entry {
         if self.checked == snapshot.version() {
             return true;
         }
-        let valid = Authority::still_valid(&self.validity, snapshot, zones);
+        // The journal answers most checks without looking the service up.
+        let unchanged = self
+            .service_key
+            .and_then(|key| snapshot.unchanged_since(key, self.checked));
+        let valid =
+            unchanged == Some(true) || Authority::still_valid(&self.validity, snapshot, zones);
         if valid {
             self.checked = snapshot.version();
         }

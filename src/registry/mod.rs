@@ -24,7 +24,7 @@ pub use model::{
     CheckKind, CheckSpec, Health, HealthStatus, Instance, MAX_OUTPUT, Maintenance, NamedPort,
     Protocol,
 };
-pub use snapshot::{Endpoint, PortSelector, Service, Snapshot};
+pub use snapshot::{Endpoint, PortSelector, Service, Snapshot, journal_key};
 pub use store::{EmbeddedStore, MemoryStore, Store, StoreError, StoreOp};
 pub use validate::{CheckInput, InstanceSpec, ValidationError};
 

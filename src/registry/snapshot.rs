@@ -142,10 +142,23 @@ impl Service {
     }
 }
 
+/// Versions the change journal reaches back.
+const JOURNAL_VERSIONS: usize = 512;
+
+/// A service name's journal key. Two names may share one (that only makes
+/// a cached answer check the snapshot itself).
+pub fn journal_key(service: &str) -> u64 {
+    use std::hash::BuildHasher;
+    foldhash::fast::FixedState::with_seed(0x6d75_7374_6572).hash_one(service)
+}
+
 /// The whole registry at one version.
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
     version: u64,
+    /// The journal key of the service each of the latest versions changed,
+    /// oldest first, the last for `version`.
+    journal: Arc<[u64]>,
     services: imbl::HashMap<Arc<str>, Arc<Service>>,
     /// Every instance by address, for reverse (PTR) lookups. Shared
     /// slices: a change copies the map's path, and with it every entry on
@@ -195,6 +208,7 @@ impl Snapshot {
             .collect();
         Self {
             version,
+            journal: Arc::new([]),
             services,
             by_address: addresses
                 .into_iter()
@@ -246,6 +260,29 @@ impl Snapshot {
         self.version
     }
 
+    /// Whether the service with journal key `key` is unchanged from
+    /// version `since` to this one; `None` when the journal does not reach
+    /// back that far and only the service itself can tell.
+    pub fn unchanged_since(&self, key: u64, since: u64) -> Option<bool> {
+        let newer = usize::try_from(self.version.checked_sub(since)?).ok()?;
+        let changes = self.journal.get(self.journal.len().checked_sub(newer)?..)?;
+        Some(!changes.contains(&key))
+    }
+
+    /// The next version: `service` changed.
+    fn next_version(&self, service: &str) -> Self {
+        let mut next = self.clone();
+        next.version = self.version + 1;
+        let kept = self.journal.len().min(JOURNAL_VERSIONS - 1);
+        let older = &self.journal[self.journal.len() - kept..];
+        next.journal = older
+            .iter()
+            .copied()
+            .chain([journal_key(service)])
+            .collect();
+        next
+    }
+
     pub fn service(&self, name: &str) -> Option<&Arc<Service>> {
         self.services.get(name)
     }
@@ -264,9 +301,8 @@ impl Snapshot {
 
     /// The next snapshot with `instance` added or replaced.
     pub(super) fn with_instance(&self, instance: Arc<Instance>) -> Self {
-        let version = self.version + 1;
-        let mut next = self.clone();
-        next.version = version;
+        let mut next = self.next_version(&instance.service);
+        let version = next.version;
         if let Some(old) = self.instance(&instance.service, &instance.id) {
             next.unindex_address(old);
         }
@@ -303,9 +339,8 @@ impl Snapshot {
         let existing = self.services.get(service)?;
         let at = existing.position(id).ok()?;
         let removed = existing.instances[at].clone();
-        let version = self.version + 1;
-        let mut next = self.clone();
-        next.version = version;
+        let mut next = self.next_version(service);
+        let version = next.version;
         next.instance_count -= 1;
         next.unindex_address(&removed);
         if existing.instances.len() == 1 {
@@ -316,5 +351,54 @@ impl Snapshot {
                 .insert(service.name.clone(), Arc::new(service));
         }
         Some((next, removed))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::InstanceSpec;
+
+    fn instance(service: &str, id: &str) -> Arc<Instance> {
+        let spec: InstanceSpec =
+            serde_json::from_value(serde_json::json!({"address": "10.0.0.1", "port": 80})).unwrap();
+        Arc::new(spec.into_instance(service, id).unwrap())
+    }
+
+    #[test]
+    fn the_journal_tells_which_services_changed_since_a_version() {
+        let start = Snapshot::default().with_instance(instance("a", "1"));
+        let v1 = start.version();
+        let next = start
+            .with_instance(instance("b", "1"))
+            .with_instance(instance("b", "2"));
+        let (a, b) = (journal_key("a"), journal_key("b"));
+        assert_eq!(next.unchanged_since(a, v1), Some(true));
+        assert_eq!(next.unchanged_since(b, v1), Some(false));
+        assert_eq!(next.unchanged_since(b, next.version()), Some(true));
+        let (later, _) = next.without_instance("a", "1").unwrap();
+        assert_eq!(later.unchanged_since(a, v1), Some(false));
+        assert_eq!(later.unchanged_since(b, next.version()), Some(true));
+        assert_eq!(later.unchanged_since(a, later.version() + 1), None);
+    }
+
+    #[test]
+    fn the_journal_reaches_back_a_bounded_number_of_versions() {
+        let mut snapshot = Snapshot::default().with_instance(instance("a", "1"));
+        let first = snapshot.version();
+        for n in 0..JOURNAL_VERSIONS {
+            snapshot = snapshot.with_instance(instance("b", &n.to_string()));
+        }
+        assert_eq!(
+            snapshot.unchanged_since(journal_key("a"), first),
+            Some(true)
+        );
+        assert_eq!(snapshot.unchanged_since(journal_key("a"), first - 1), None);
+        let recent = snapshot.version() - 10;
+        assert_eq!(
+            snapshot.unchanged_since(journal_key("a"), recent),
+            Some(true)
+        );
+        assert_eq!(snapshot.journal.len(), JOURNAL_VERSIONS);
     }
 }
