@@ -274,12 +274,10 @@ impl Snapshot {
         let mut next = self.clone();
         next.version = self.version + 1;
         let kept = self.journal.len().min(JOURNAL_VERSIONS - 1);
-        let older = &self.journal[self.journal.len() - kept..];
-        next.journal = older
-            .iter()
-            .copied()
-            .chain([journal_key(service)])
-            .collect();
+        let mut journal = Vec::with_capacity(kept + 1);
+        journal.extend_from_slice(&self.journal[self.journal.len() - kept..]);
+        journal.push(journal_key(service));
+        next.journal = journal.into();
         next
     }
 
