@@ -38,9 +38,8 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     let trailers = tokens(headers, header::TE).any(|t| t.eq_ignore_ascii_case("trailers"));
     // Fields `Connection` names besides the standard ones (`close` names none).
     let listed: Vec<HeaderName> = tokens(headers, header::CONNECTION)
-        .filter(|t| !t.eq_ignore_ascii_case("close"))
+        .filter(|t| !t.eq_ignore_ascii_case("close") && !is_hop_by_hop_name(t))
         .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
-        .filter(|name| !is_hop_by_hop(name))
         .collect();
     let kept_for_upgrade =
         |name: &HeaderName| upgrade && (name == header::CONNECTION || name == header::UPGRADE);
@@ -65,16 +64,22 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
 
 /// A field that never crosses a proxy (or names those that must not).
 fn is_hop_by_hop(name: &HeaderName) -> bool {
-    matches!(
-        name.as_str(),
-        "connection"
-            | "upgrade"
-            | "keep-alive"
-            | "proxy-connection"
-            | "te"
-            | "transfer-encoding"
-            | "trailer"
-    )
+    is_hop_by_hop_name(name.as_str())
+}
+
+/// [`is_hop_by_hop`] for a name in any letter case.
+fn is_hop_by_hop_name(name: &str) -> bool {
+    [
+        "connection",
+        "upgrade",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "transfer-encoding",
+        "trailer",
+    ]
+    .iter()
+    .any(|hop| hop.eq_ignore_ascii_case(name))
 }
 
 /// A client connection's address, with the header values it yields

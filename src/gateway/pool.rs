@@ -67,7 +67,8 @@ pub struct Http1Pool {
 }
 
 struct Shared {
-    idle: Mutex<HashMap<Authority, Vec<Idle>, foldhash::fast::RandomState>>,
+    /// By `host:port`: hashing an `Authority` goes byte by byte.
+    idle: Mutex<HashMap<Box<str>, Vec<Idle>, foldhash::fast::RandomState>>,
     connect_timeout: Duration,
     idle_timeout: Duration,
     /// Whether a task is closing expired idle connections.
@@ -164,7 +165,7 @@ impl Http1Pool {
 impl Shared {
     fn take_idle(&self, authority: &Authority) -> Option<SendRequest<Body>> {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        let waiting = idle.get_mut(authority)?;
+        let waiting = idle.get_mut(authority.as_str())?;
         while let Some(connection) = waiting.pop() {
             if !connection.sender.is_closed() && connection.since.elapsed() < self.idle_timeout {
                 return Some(connection.sender);
@@ -178,12 +179,13 @@ impl Shared {
             return;
         }
         let since = Instant::now();
-        self.idle
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .entry(authority)
-            .or_default()
-            .push(Idle { sender, since });
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        let idle_at = match idle.get_mut(authority.as_str()) {
+            Some(waiting) => waiting,
+            None => idle.entry(authority.as_str().into()).or_default(),
+        };
+        idle_at.push(Idle { sender, since });
+        drop(idle);
         if !self.sweeping.swap(true, Ordering::AcqRel) {
             tokio::spawn(sweep(Arc::downgrade(self)));
         }

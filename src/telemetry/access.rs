@@ -64,16 +64,34 @@ struct AccessLine<'a, 'w> {
 }
 
 impl AccessLine<'_, '_> {
-    /// Writes the separator and `name=` (nothing for the message).
+    /// Writes the separator and `name=` (nothing for the message), in
+    /// one write when the name is short.
     fn start(&mut self, field: &Field) -> fmt::Result {
-        if !std::mem::take(&mut self.first) {
-            self.writer.write_char(' ')?;
+        let first = std::mem::take(&mut self.first);
+        let name = field.name();
+        if name == "message" {
+            return if first {
+                Ok(())
+            } else {
+                self.writer.write_char(' ')
+            };
         }
-        if field.name() != "message" {
-            self.writer.write_str(field.name())?;
-            self.writer.write_char('=')?;
+        let mut prefix = [0u8; 34];
+        let separator = usize::from(!first);
+        let length = separator + name.len() + 1;
+        if length > prefix.len() {
+            if separator == 1 {
+                self.writer.write_char(' ')?;
+            }
+            self.writer.write_str(name)?;
+            return self.writer.write_char('=');
         }
-        Ok(())
+        prefix[0] = b' ';
+        prefix[separator..length - 1].copy_from_slice(name.as_bytes());
+        prefix[length - 1] = b'=';
+        // A field name is a Rust identifier: valid UTF-8 all the same.
+        self.writer
+            .write_str(std::str::from_utf8(&prefix[..length]).map_err(|_| fmt::Error)?)
     }
 
     fn field(&mut self, field: &Field, value: impl FnOnce(&mut Writer<'_>) -> fmt::Result) {
