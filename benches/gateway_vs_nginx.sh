@@ -4,6 +4,9 @@
 #
 #   benches/gateway_vs_nginx.sh [SECONDS per run, default 10] [ROUNDS, default 3]
 #
+# BASELINE=/path/to/another/muster puts that build in nginx's place, for an
+# A/B of two muster builds under the same load (rows "baseline", "muster").
+#
 # Layout (2 cores): the proxy under test on CPU 0; the backend (nginx
 # answering a fixed 230-byte body) and wrk (-t1 -c64) on CPU 1. Runs
 # alternate nginx, muster, nginx, muster ... so both see the same machine
@@ -14,6 +17,11 @@ set -euo pipefail
 
 seconds=${1:-10}
 rounds=${2:-3}
+peer=nginx
+if [ -n "${BASELINE:-}" ]; then
+  [ -x "$BASELINE" ] || { echo "BASELINE is not an executable: $BASELINE" >&2; exit 1; }
+  peer=baseline
+fi
 connections=64
 
 missing=()
@@ -95,7 +103,10 @@ wait_for() { for _ in $(seq 1 100); do curl -fs -o /dev/null "$1" && return 0; s
 
 start_nginx() { taskset -c 0 nginx -c "$work/proxy/nginx.conf" & proxy_pid=$!; wait_for "http://127.0.0.1:$nginx_port/bench"; }
 
-start_muster() {
+start_baseline() { start_muster "$BASELINE"; }
+
+start_muster() { # [binary, default this tree's release build]
+  local binary=${1:-$muster_bin}
   mkdir -p "$work/muster"
   cat >"$work/muster/muster.toml" <<EOF
 data_dir = "$work/muster/data"
@@ -113,7 +124,7 @@ service = "backend"
 [log]
 level = "info"
 EOF
-  taskset -c 0 "$muster_bin" serve --config "$work/muster/muster.toml" 2>"$work/muster/log" & proxy_pid=$!
+  taskset -c 0 "$binary" serve --config "$work/muster/muster.toml" 2>"$work/muster/log" & proxy_pid=$!
   for _ in $(seq 1 100); do grep -q "muster ready" "$work/muster/log" 2>/dev/null && break; sleep 0.1; done
   api=$(grep -o 'api=[0-9.:]*' "$work/muster/log" | head -1 | cut -d= -f2)
   curl -fs -X PUT "http://$api/v1/services/backend/instances/b-1" -H 'content-type: application/json' \
@@ -126,8 +137,9 @@ stop_proxy() { kill "$proxy_pid"; wait "$proxy_pid" 2>/dev/null || true; }
 declare -A total_rps total_cpu total_p50 total_p99
 results=()
 for round in $(seq 1 "$rounds"); do
-  for proxy in nginx muster; do
-    if [ "$proxy" = nginx ]; then start_nginx; port=$nginx_port; else start_muster; port=$gateway_port; fi
+  for proxy in "$peer" muster; do
+    "start_$proxy"
+    if [ "$proxy" = nginx ]; then port=$nginx_port; else port=$gateway_port; fi
     before=$(cpu_ns "$proxy_pid")
     read -r rps p50 p99 requests < <(load "$port")
     after=$(cpu_ns "$proxy_pid")
@@ -143,17 +155,17 @@ for round in $(seq 1 "$rounds"); do
 done
 
 echo "wrk -t1 -c$connections, ${seconds}s runs, $rounds interleaved rounds; proxy pinned to CPU 0, backend and wrk to CPU 1"
-printf '%-6s %-7s %12s %9s %9s %14s %9s\n' round proxy requests/s p50_ms p99_ms cpu_us/request rss_kb
-for line in "${results[@]}"; do printf '%-6s %-7s %12s %9s %9s %14s %9s\n' $line; done
+printf '%-6s %-8s %12s %9s %9s %14s %9s\n' round proxy requests/s p50_ms p99_ms cpu_us/request rss_kb
+for line in "${results[@]}"; do printf '%-6s %-8s %12s %9s %9s %14s %9s\n' $line; done
 avg() { awk -v t="$1" -v n="$rounds" 'BEGIN { printf "%.3f", t / n }'; }
 echo
 printf '%-8s %12s %9s %9s %14s\n' mean requests/s p50_ms p99_ms cpu_us/request
-for proxy in nginx muster; do
+for proxy in "$peer" muster; do
   printf '%-8s %12.0f %9s %9s %14s\n' "$proxy" "$(avg "${total_rps[$proxy]}")" "$(avg "${total_p50[$proxy]}")" \
     "$(avg "${total_p99[$proxy]}")" "$(avg "${total_cpu[$proxy]}")"
 done
 ratio() { awk -v m="$1" -v n="$2" 'BEGIN { printf "%.2f", m / n }'; }
 echo
-echo "muster / nginx: requests/s $(ratio "${total_rps[muster]}" "${total_rps[nginx]}")," \
-  "p99 $(ratio "${total_p99[muster]}" "${total_p99[nginx]}")," \
-  "CPU per request $(ratio "${total_cpu[muster]}" "${total_cpu[nginx]}")"
+echo "muster / $peer: requests/s $(ratio "${total_rps[muster]}" "${total_rps[$peer]}")," \
+  "p99 $(ratio "${total_p99[muster]}" "${total_p99[$peer]}")," \
+  "CPU per request $(ratio "${total_cpu[muster]}" "${total_cpu[$peer]}")"
