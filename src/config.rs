@@ -395,6 +395,12 @@ impl Config {
 
     fn validate_gateway(&self) -> Result<(), (String, String)> {
         let gateway = &self.gateway;
+        if gateway.upstream_idle_timeout.is_zero() {
+            return Err((
+                "gateway.upstream_idle_timeout".into(),
+                "must be more than 0".into(),
+            ));
+        }
         if gateway.eject_after_errors == 0 {
             return Err((
                 "gateway.eject_after_errors".into(),
@@ -564,6 +570,10 @@ mod tests {
         assert_eq!(invalid("[api]\nlisten = 8500").key(), Some("api.listen"));
         assert_eq!(invalid("[log]\nformat = \"xml\"").key(), Some("log.format"));
         assert_eq!(invalid("[log]\nlevel = \"=[\"").key(), Some("log.level"));
+        assert_eq!(
+            invalid("[gateway]\nupstream_idle_timeout = \"0s\"").key(),
+            Some("gateway.upstream_idle_timeout")
+        );
     }
 
     #[test]

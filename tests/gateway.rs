@@ -110,41 +110,71 @@ async fn upstream_connections_are_reused_then_closed_when_idle() {
     );
 }
 
-/// An upstream that answers one request per connection and then closes
-/// it, without saying so: a kept-alive connection that dies while idle.
-async fn closing_upstream() -> (std::net::SocketAddr, std::sync::Arc<AtomicUsize>) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+/// Connections a raw test upstream accepted, and those it has closed.
+#[derive(Clone, Default)]
+struct Counts {
+    accepted: std::sync::Arc<AtomicUsize>,
+    closed: std::sync::Arc<AtomicUsize>,
+}
+
+/// A raw HTTP/1.1 upstream on loopback; `serve` handles each connection.
+async fn raw_upstream<F, Fut>(serve: F) -> (std::net::SocketAddr, Counts)
+where
+    F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let accepted = std::sync::Arc::new(AtomicUsize::new(0));
-    let counter = accepted.clone();
+    let counts = Counts::default();
+    let seen = counts.clone();
     tokio::spawn(async move {
         loop {
-            let (mut stream, _) = listener.accept().await.unwrap();
-            counter.fetch_add(1, Ordering::SeqCst);
+            let (stream, _) = listener.accept().await.unwrap();
+            seen.accepted.fetch_add(1, Ordering::SeqCst);
+            let (handled, closed) = (serve(stream), seen.closed.clone());
             tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match stream.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let reply = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
-                let _ = stream.write_all(reply).await;
+                handled.await;
+                closed.fetch_add(1, Ordering::SeqCst);
             });
         }
     });
-    (addr, accepted)
+    (addr, counts)
+}
+
+/// Reads one request head; `None` at end of stream.
+async fn read_head(stream: &mut tokio::net::TcpStream) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match stream.read(&mut byte).await {
+            Ok(1) => head.push(byte[0]),
+            _ => return None,
+        }
+    }
+    Some(String::from_utf8_lossy(&head).into_owned())
+}
+
+fn register_raw(addr: std::net::SocketAddr) -> Value {
+    json!({"address": addr.ip().to_string(), "port": addr.port(), "ports": {"http": addr.port()}})
 }
 
 #[tokio::test]
 async fn a_kept_alive_connection_the_upstream_closed_is_not_reused() {
+    use tokio::io::AsyncWriteExt;
     let muster = start_with(with_gateway(ORDERS)).await;
-    let (addr, accepted) = closing_upstream().await;
-    let instance = json!({"address": addr.ip().to_string(), "port": addr.port(), "ports": {"http": addr.port()}});
-    muster.register_ok("orders", "o-1", instance).await;
+    // One request per connection, then a close the response did not announce.
+    let (addr, counts) = raw_upstream(|mut stream| async move {
+        if read_head(&mut stream).await.is_some() {
+            let _ = stream
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                .await;
+        }
+    })
+    .await;
+    muster
+        .register_ok("orders", "o-1", register_raw(addr))
+        .await;
     for round in 1..=10 {
         let response = muster
             .http
@@ -154,12 +184,64 @@ async fn a_kept_alive_connection_the_upstream_closed_is_not_reused() {
             .unwrap();
         assert_eq!(response.status(), 200, "request {round}");
         assert_eq!(response.text().await.unwrap(), "ok");
+        support::wait_until("the upstream has closed the connection", || async {
+            (counts.closed.load(Ordering::SeqCst) == round).then_some(())
+        })
+        .await;
     }
     assert_eq!(
-        accepted.load(Ordering::SeqCst),
+        counts.accepted.load(Ordering::SeqCst),
         10,
         "a connection per request"
     );
+}
+
+#[tokio::test]
+async fn a_connection_still_uploading_is_not_handed_to_the_next_request() {
+    use tokio::io::AsyncWriteExt;
+    let muster = start_with(with_gateway(ORDERS)).await;
+    // POSTs are refused before their body is read; GETs are answered.
+    let (addr, counts) = raw_upstream(|mut stream| async move {
+        while let Some(head) = read_head(&mut stream).await {
+            if head.starts_with("POST") {
+                let refusal = b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 0\r\n\r\n";
+                let _ = stream.write_all(refusal).await;
+                // Keep the connection, swallowing whatever else comes.
+                let mut sink = tokio::io::sink();
+                let _ = tokio::io::copy(&mut stream, &mut sink).await;
+                return;
+            }
+            let _ = stream
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                .await;
+        }
+    })
+    .await;
+    muster
+        .register_ok("orders", "o-1", register_raw(addr))
+        .await;
+    // A client whose upload stalls after its first chunk.
+    let first = futures_util::stream::once(async { Ok::<_, std::io::Error>("part") });
+    let stalled = futures_util::StreamExt::chain(first, futures_util::stream::pending());
+    let refused = muster
+        .http
+        .post(gateway_url(&muster, "/api/orders/upload"))
+        .body(reqwest::Body::wrap_stream(stalled))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 401);
+    let (status, _, _) = get(&muster, "/api/orders/1").await;
+    assert_eq!(
+        status, 200,
+        "the next request does not wait behind the stalled upload"
+    );
+    assert_eq!(
+        counts.accepted.load(Ordering::SeqCst),
+        2,
+        "a fresh connection"
+    );
+    drop(refused);
 }
 
 #[tokio::test]

@@ -163,18 +163,18 @@ fn extend(headers: &mut HeaderMap, name: HeaderName, value: &str) {
     }
 }
 
-/// Identifiers for requests and trace spans: a per-process random seed
-/// plus a counter, mixed by a bijection, so no two ids from one process
-/// collide and none can be guessed from the last.
+/// Identifiers for requests and trace spans: a counter through a keyed
+/// hash (SipHash with a per-process random key), so ids do not repeat in
+/// practice and cannot be predicted from the ones a client has seen.
 pub struct Ids {
-    seed: u64,
+    key: RandomState,
     counter: AtomicU64,
 }
 
 impl Default for Ids {
     fn default() -> Self {
         Self {
-            seed: RandomState::new().hash_one(0u64),
+            key: RandomState::new(),
             counter: AtomicU64::new(0),
         }
     }
@@ -187,7 +187,7 @@ impl Ids {
     fn next_u64(&self) -> u64 {
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
         // A zero id is invalid in traceparent; never produce one.
-        mix(n.wrapping_add(self.seed)).max(1)
+        self.key.hash_one(n).max(1)
     }
 
     fn hex128(&self) -> Hex128 {
@@ -236,14 +236,6 @@ impl Ids {
         write_hex(&mut value[36..52], self.next_u64());
         hex_value(&value)
     }
-}
-
-/// A bijection on u64 that spreads consecutive inputs over the whole range
-/// (the finaliser of the SplitMix64 generator).
-fn mix(mut x: u64) -> u64 {
-    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    x ^ (x >> 31)
 }
 
 /// `n` as 16 lowercase hex digits into `out`.
@@ -326,6 +318,14 @@ mod tests {
         let mut untouched = headers(&[("x-a", "1"), ("x-b", "2")]);
         strip_hop_by_hop(&mut untouched, false);
         assert_eq!(untouched.len(), 2);
+    }
+
+    #[test]
+    fn te_trailers_survives_being_named_in_connection() {
+        let mut h = headers(&[("connection", "TE"), ("te", "trailers")]);
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1);
+        assert_eq!(h["te"], "trailers");
     }
 
     #[test]

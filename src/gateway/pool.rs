@@ -98,8 +98,9 @@ impl Http1Pool {
     pub async fn send(
         &self,
         authority: &Authority,
-        mut request: Request<Body>,
+        request: Request<Body>,
     ) -> Result<Response<Body>, SendError> {
+        let (mut request, upload) = track_upload(request);
         loop {
             let (mut sender, reused) = match self.shared.take_idle(authority) {
                 Some(sender) => (sender, true),
@@ -111,7 +112,7 @@ impl Http1Pool {
                 continue;
             }
             match sender.try_send_request(request).await {
-                Ok(response) => return Ok(self.lease(authority, sender, response)),
+                Ok(response) => return Ok(self.lease(authority, sender, upload, response)),
                 Err(mut failed) => match failed.take_message() {
                     Some(unsent) if reused => request = unsent,
                     _ => return Err(SendError::Http(failed.into_error())),
@@ -145,6 +146,7 @@ impl Http1Pool {
         &self,
         authority: &Authority,
         sender: SendRequest<Body>,
+        upload: Upload,
         response: Response<Incoming>,
     ) -> Response<Body> {
         // An upgraded connection belongs to the tunnel from now on.
@@ -152,6 +154,7 @@ impl Http1Pool {
         response.map(|inner| {
             let lease = reusable.then(|| Lease {
                 sender,
+                upload,
                 authority: authority.clone(),
                 pool: Arc::downgrade(&self.shared),
             });
@@ -186,8 +189,11 @@ impl Shared {
         };
         idle_at.push(Idle { sender, since });
         drop(idle);
-        if !self.sweeping.swap(true, Ordering::AcqRel) {
-            tokio::spawn(sweep(Arc::downgrade(self)));
+        // Reached from a body's Drop: never assume a runtime.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current()
+            && !self.sweeping.swap(true, Ordering::AcqRel)
+        {
+            runtime.spawn(sweep(Arc::downgrade(self)));
         }
     }
 
@@ -225,8 +231,70 @@ async fn sweep(pool: Weak<Shared>) {
 /// A connection on loan to one response.
 struct Lease {
     sender: SendRequest<Body>,
+    /// The request's body, if it had one, still going out or done.
+    upload: Upload,
     authority: Authority,
     pool: Weak<Shared>,
+}
+
+/// Set once a request's body has gone out in full; `None` for a request
+/// without a body.
+type Upload = Option<Arc<AtomicBool>>;
+
+/// `request` with its body (if any) watched for its end. An upstream may
+/// answer before it has read the whole body (a 401, a 413); its
+/// connection is busy until the upload ends and must not be handed to
+/// another request meanwhile.
+fn track_upload(request: Request<Body>) -> (Request<Body>, Upload) {
+    if request.body().is_end_stream() {
+        return (request, None);
+    }
+    let sent = Arc::new(AtomicBool::new(false));
+    let watched = sent.clone();
+    let request = request.map(|inner| {
+        UploadBody {
+            inner,
+            sent: watched,
+        }
+        .boxed()
+    });
+    (request, Some(sent))
+}
+
+/// A request body that records when it has gone out in full.
+struct UploadBody {
+    inner: Body,
+    sent: Arc<AtomicBool>,
+}
+
+impl HttpBody for UploadBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        // hyper stops polling once the body says it has ended.
+        let ended = match &polled {
+            Poll::Ready(None) => true,
+            Poll::Ready(Some(Ok(_))) => self.inner.is_end_stream(),
+            Poll::Ready(Some(Err(_))) | Poll::Pending => false,
+        };
+        if ended {
+            self.sent.store(true, Ordering::Release);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// An upstream response body that gives its connection back at the end.
@@ -236,11 +304,17 @@ struct PooledBody {
 }
 
 impl PooledBody {
-    /// Returns the connection to its pool, once.
+    /// Returns the connection to its pool, once; closes it instead if
+    /// the request's body is still going out.
     fn give_back(&mut self) {
-        if let Some(lease) = self.lease.take()
-            && let Some(pool) = lease.pool.upgrade()
-        {
+        let Some(lease) = self.lease.take() else {
+            return;
+        };
+        let uploading = lease
+            .upload
+            .as_ref()
+            .is_some_and(|sent| !sent.load(Ordering::Acquire));
+        if !uploading && let Some(pool) = lease.pool.upgrade() {
             pool.put(lease.authority, lease.sender);
         }
     }

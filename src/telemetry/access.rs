@@ -284,6 +284,9 @@ mod tests {
         rest
     }
 
+    /// With Display (`%`) fields, which the default prints unquoted. It
+    /// quotes plain `&str` fields, which the proxy records; ours does not
+    /// (see the escaping test).
     #[test]
     fn access_lines_read_as_the_default_format_prints_them() {
         let (general, ours) = both_formats(|| {
