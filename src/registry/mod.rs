@@ -439,13 +439,12 @@ fn remove(
     id: &str,
     batch: &mut Batch,
 ) -> Result<Applied, RegistryError> {
-    let (after, removed) =
-        next.without_instance(service, id)
+    let removed =
+        next.remove_instance(service, id)
             .ok_or_else(|| RegistryError::InstanceNotFound {
                 service: service.into(),
                 id: id.into(),
             })?;
-    *next = after;
     let key = InstanceKey::of(&removed);
     if removed.check.is_some() {
         batch.events.push(CheckEvent::Unwatch { key: key.clone() });
@@ -459,7 +458,7 @@ fn remove(
 
 fn replace(next: &mut Snapshot, instance: Instance, batch: &mut Batch) -> Applied {
     let instance = Arc::new(instance);
-    *next = next.with_instance(instance.clone());
+    next.put_instance(instance.clone());
     batch.ops.push(StoreOp::Put(instance.clone()));
     Applied {
         instance,

@@ -269,16 +269,14 @@ impl Snapshot {
         Some(!changes.contains(&key))
     }
 
-    /// The next version: `service` changed.
-    fn next_version(&self, service: &str) -> Self {
-        let mut next = self.clone();
-        next.version = self.version + 1;
+    /// Moves to the next version: `service` changed.
+    fn advance(&mut self, service: &str) {
+        self.version += 1;
         let kept = self.journal.len().min(JOURNAL_VERSIONS - 1);
         let mut journal = Vec::with_capacity(kept + 1);
         journal.extend_from_slice(&self.journal[self.journal.len() - kept..]);
         journal.push(journal_key(service));
-        next.journal = journal.into();
-        next
+        self.journal = journal.into();
     }
 
     pub fn service(&self, name: &str) -> Option<&Arc<Service>> {
@@ -297,23 +295,26 @@ impl Snapshot {
         self.instance_count
     }
 
-    /// The next snapshot with `instance` added or replaced.
-    pub(super) fn with_instance(&self, instance: Arc<Instance>) -> Self {
-        let mut next = self.next_version(&instance.service);
-        let version = next.version;
-        if let Some(old) = self.instance(&instance.service, &instance.id) {
-            next.unindex_address(old);
+    /// Adds or replaces `instance`, as the next version. In place: the
+    /// persistent maps copy only the nodes this snapshot shares with
+    /// another (the published one), so a writer batch copies each path
+    /// once rather than once per change.
+    pub(super) fn put_instance(&mut self, instance: Arc<Instance>) {
+        self.advance(&instance.service);
+        let version = self.version;
+        if let Some(old) = self.instance(&instance.service, &instance.id).cloned() {
+            self.unindex_address(&old);
         }
-        next.index_address(&instance);
+        self.index_address(&instance);
         let service = match self.services.get(instance.service.as_str()) {
             Some(existing) => {
                 if existing.instance(&instance.id).is_none() {
-                    next.instance_count += 1;
+                    self.instance_count += 1;
                 }
                 existing.with(instance, version)
             }
             None => {
-                next.instance_count += 1;
+                self.instance_count += 1;
                 Service {
                     name: instance.service.as_str().into(),
                     index: version,
@@ -322,33 +323,32 @@ impl Snapshot {
                 }
             }
         };
-        next.services
+        self.services
             .insert(service.name.clone(), Arc::new(service));
-        next
     }
 
-    /// The next snapshot without `service/id` and the instance removed,
-    /// or `None` if it is not there.
-    pub(super) fn without_instance(
-        &self,
-        service: &str,
-        id: &str,
-    ) -> Option<(Self, Arc<Instance>)> {
+    /// Removes `service/id`, as the next version, in place like
+    /// [`Self::put_instance`]; the removed instance, or `None` (and no new
+    /// version) if it is not there.
+    pub(super) fn remove_instance(&mut self, service: &str, id: &str) -> Option<Arc<Instance>> {
         let existing = self.services.get(service)?;
         let at = existing.position(id).ok()?;
         let removed = existing.instances[at].clone();
-        let mut next = self.next_version(service);
-        let version = next.version;
-        next.instance_count -= 1;
-        next.unindex_address(&removed);
-        if existing.instances.len() == 1 {
-            next.services.remove(service);
-        } else {
-            let service = existing.without(at, version);
-            next.services
-                .insert(service.name.clone(), Arc::new(service));
+        let remaining =
+            (existing.instances.len() > 1).then(|| existing.without(at, self.version + 1));
+        self.advance(service);
+        self.instance_count -= 1;
+        self.unindex_address(&removed);
+        match remaining {
+            Some(remaining) => {
+                self.services
+                    .insert(remaining.name.clone(), Arc::new(remaining));
+            }
+            None => {
+                self.services.remove(service);
+            }
         }
-        Some((next, removed))
+        Some(removed)
     }
 }
 
@@ -365,27 +365,55 @@ mod tests {
 
     #[test]
     fn the_journal_tells_which_services_changed_since_a_version() {
-        let start = Snapshot::default().with_instance(instance("a", "1"));
-        let v1 = start.version();
-        let next = start
-            .with_instance(instance("b", "1"))
-            .with_instance(instance("b", "2"));
+        let mut snapshot = Snapshot::default();
+        snapshot.put_instance(instance("a", "1"));
+        let v1 = snapshot.version();
+        snapshot.put_instance(instance("b", "1"));
+        snapshot.put_instance(instance("b", "2"));
+        let v3 = snapshot.version();
         let (a, b) = (journal_key("a"), journal_key("b"));
-        assert_eq!(next.unchanged_since(a, v1), Some(true));
-        assert_eq!(next.unchanged_since(b, v1), Some(false));
-        assert_eq!(next.unchanged_since(b, next.version()), Some(true));
-        let (later, _) = next.without_instance("a", "1").unwrap();
-        assert_eq!(later.unchanged_since(a, v1), Some(false));
-        assert_eq!(later.unchanged_since(b, next.version()), Some(true));
-        assert_eq!(later.unchanged_since(a, later.version() + 1), None);
+        assert_eq!(snapshot.unchanged_since(a, v1), Some(true));
+        assert_eq!(snapshot.unchanged_since(b, v1), Some(false));
+        assert_eq!(snapshot.unchanged_since(b, v3), Some(true));
+        assert!(snapshot.remove_instance("a", "1").is_some());
+        assert_eq!(snapshot.unchanged_since(a, v1), Some(false));
+        assert_eq!(snapshot.unchanged_since(b, v3), Some(true));
+        assert_eq!(snapshot.unchanged_since(a, snapshot.version() + 1), None);
+        assert!(snapshot.remove_instance("a", "1").is_none());
+        assert_eq!(
+            snapshot.version(),
+            v3 + 1,
+            "no version for a missing instance"
+        );
+    }
+
+    #[test]
+    fn changes_in_place_leave_a_shared_copy_as_it_was() {
+        let mut published = Snapshot::default();
+        published.put_instance(instance("a", "1"));
+        let mut next = published.clone();
+        next.put_instance(instance("a", "2"));
+        next.put_instance(instance("b", "1"));
+        assert!(next.remove_instance("a", "1").is_some());
+        assert_eq!(published.instance_count(), 1);
+        assert!(published.instance("a", "1").is_some());
+        assert!(published.service("b").is_none());
+        assert_eq!(next.instance_count(), 2);
+        assert!(next.instance("a", "1").is_none());
+        assert_eq!(next.instances_at(&"10.0.0.1".parse().unwrap()).len(), 2);
+        assert_eq!(
+            published.instances_at(&"10.0.0.1".parse().unwrap()).len(),
+            1
+        );
     }
 
     #[test]
     fn the_journal_reaches_back_a_bounded_number_of_versions() {
-        let mut snapshot = Snapshot::default().with_instance(instance("a", "1"));
+        let mut snapshot = Snapshot::default();
+        snapshot.put_instance(instance("a", "1"));
         let first = snapshot.version();
         for n in 0..JOURNAL_VERSIONS {
-            snapshot = snapshot.with_instance(instance("b", &n.to_string()));
+            snapshot.put_instance(instance("b", &n.to_string()));
         }
         assert_eq!(
             snapshot.unchanged_since(journal_key("a"), first),
