@@ -78,9 +78,11 @@ fn counts(pairs: &[(&str, usize)]) -> BTreeMap<String, usize> {
 
 #[tokio::test]
 async fn upstream_connections_are_reused_then_closed_when_idle() {
+    // Long enough that no gap between the 20 requests outlasts it, even on
+    // a loaded machine; short enough to wait out below.
     let toml = orders_with(
         "eject_after_errors = 2",
-        "eject_after_errors = 2\nupstream_idle_timeout = \"300ms\"",
+        "eject_after_errors = 2\nupstream_idle_timeout = \"2s\"",
     );
     let muster = start_with(with_gateway(&toml)).await;
     let backend = Upstream::start("o-1").await;
