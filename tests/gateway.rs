@@ -143,6 +143,9 @@ where
     (addr, counts)
 }
 
+/// What the raw test upstreams answer a request they accept.
+const OK_REPLY: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+
 /// Reads one request head; `None` at end of stream.
 async fn read_head(stream: &mut tokio::net::TcpStream) -> Option<String> {
     use tokio::io::AsyncReadExt;
@@ -168,9 +171,7 @@ async fn a_kept_alive_connection_the_upstream_closed_is_not_reused() {
     // One request per connection, then a close the response did not announce.
     let (addr, counts) = raw_upstream(|mut stream| async move {
         if read_head(&mut stream).await.is_some() {
-            let _ = stream
-                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                .await;
+            let _ = stream.write_all(OK_REPLY).await;
         }
     })
     .await;
@@ -213,9 +214,7 @@ async fn a_connection_still_uploading_is_not_handed_to_the_next_request() {
                 let _ = tokio::io::copy(&mut stream, &mut sink).await;
                 return;
             }
-            let _ = stream
-                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                .await;
+            let _ = stream.write_all(OK_REPLY).await;
         }
     })
     .await;
