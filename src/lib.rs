@@ -10,6 +10,7 @@ pub mod config;
 pub mod dns;
 mod field_path;
 pub mod gateway;
+mod http_server;
 pub mod registry;
 pub mod telemetry;
 

@@ -10,9 +10,8 @@ mod error;
 mod health;
 mod services;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::rejection::PathRejection;
@@ -20,12 +19,14 @@ use axum::extract::{Path, State};
 use axum::http::header;
 use axum::response::IntoResponse;
 use axum::routing::{get, put};
+use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use body::MAX_BODY;
 pub use error::ApiError;
 
+use crate::http_server;
 use crate::registry::health::HealthHandle;
 use crate::registry::validate::{instance_id, service_name};
 use crate::registry::{InstanceKey, Registry};
@@ -62,18 +63,29 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// Connections served at once; more wait in the kernel's backlog.
+const MAX_CONNECTIONS: usize = 4_096;
+/// A client must send each request head within this; it also closes
+/// idle keep-alive connections. Blocking queries wait on their own clock.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long requests in flight get to finish on shutdown.
+const DRAIN: Duration = Duration::from_secs(10);
+
 /// Serves `router` on `listener` until `shutdown`, then drains requests
-/// in flight.
+/// in flight (up to a bound).
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(
-        listener,
-        router.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown.cancelled_owned())
+    let limits = http_server::Limits {
+        max_connections: MAX_CONNECTIONS,
+        header_read_timeout: HEADER_READ_TIMEOUT,
+        drain: DRAIN,
+    };
+    http_server::serve(listener, limits, shutdown, "api", |_peer| {
+        TowerToHyperService::new(router.clone())
+    })
     .await
 }
 

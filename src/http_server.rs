@@ -1,0 +1,223 @@
+//! The HTTP accept loop the API and the gateway share: at most
+//! `max_connections` connections open at once (more wait in the kernel's
+//! backlog), a connection's first bytes and every request head due within
+//! `header_read_timeout` (which also ends idle keep-alive connections),
+//! HTTP/1.1 and h2c with upgrades,
+//! and on shutdown no new connections and a drain of those open, bounded by
+//! `drain`. It owns no routing: each connection gets the service that
+//! `service_for` makes for its peer.
+
+use std::error::Error as StdError;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::body::{Body, Incoming};
+use hyper::service::Service;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+/// Bounds on what clients can hold open.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub header_read_timeout: Duration,
+    /// How long open connections get to finish on shutdown.
+    pub drain: Duration,
+}
+
+type BoxError = Box<dyn StdError + Send + Sync>;
+
+/// Serves `listener` until `shutdown`; `what` names the server in logs.
+pub async fn serve<F, S, B>(
+    listener: TcpListener,
+    limits: Limits,
+    shutdown: CancellationToken,
+    what: &'static str,
+    mut service_for: F,
+) -> io::Result<()>
+where
+    F: FnMut(SocketAddr) -> S,
+    S: Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout);
+    builder.http2().timer(TokioTimer::new());
+    let graceful = GracefulShutdown::new();
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    loop {
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => slot.map_err(io::Error::other)?,
+            () = shutdown.cancelled() => break,
+        };
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    warn!(server = what, error = %error, "accept failed");
+                    continue;
+                }
+            },
+            () = shutdown.cancelled() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let (builder, service) = (builder.clone(), service_for(peer));
+        let (watcher, shutdown) = (graceful.watcher(), shutdown.clone());
+        let first_bytes = limits.header_read_timeout;
+        tokio::spawn(async move {
+            // The h2c check reads the first bytes with no timer of its own:
+            // a client that sends nothing would hold its slot for good.
+            let mut first = [0u8; 1];
+            let arrived = tokio::select! {
+                peeked = tokio::time::timeout(first_bytes, stream.peek(&mut first)) => {
+                    matches!(peeked, Ok(Ok(1..)))
+                }
+                () = shutdown.cancelled() => false,
+            };
+            if arrived {
+                let connection = builder
+                    .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                    .into_owned();
+                let _ = watcher.watch(connection).await;
+            }
+            drop(slot);
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(limits.drain, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        warn!(server = what, "connections did not finish in time");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+
+    use bytes::Bytes;
+    use http_body_util::Full;
+    use hyper::service::service_fn;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    use super::*;
+
+    /// A server answering `hi` under `limits`, and where it listens.
+    async fn hello(limits: Limits, shutdown: CancellationToken) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(serve(listener, limits, shutdown, "test", |_| {
+            service_fn(|_request| async {
+                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"hi"))))
+            })
+        }));
+        addr
+    }
+
+    /// What the server sends back to `request` on `stream`, up to `hi`.
+    async fn exchange(stream: &mut TcpStream) -> String {
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut reply = Vec::new();
+        let mut buffer = [0u8; 256];
+        while !reply.ends_with(b"hi") {
+            let n = stream.read(&mut buffer).await.unwrap();
+            assert!(n > 0, "closed before answering");
+            reply.extend_from_slice(&buffer[..n]);
+        }
+        String::from_utf8(reply).unwrap()
+    }
+
+    /// Whether the peer closes `stream` within the deadline (whatever it
+    /// sends first).
+    async fn closed(stream: &mut TcpStream) -> bool {
+        let mut rest = Vec::new();
+        let read = stream.read_to_end(&mut rest);
+        tokio::time::timeout(DEADLINE, read).await.is_ok()
+    }
+
+    /// Longest any condition here is waited for.
+    const DEADLINE: Duration = Duration::from_secs(10);
+
+    const LIMITS: Limits = Limits {
+        max_connections: 2,
+        header_read_timeout: Duration::from_millis(300),
+        drain: Duration::from_secs(5),
+    };
+
+    #[tokio::test]
+    async fn a_client_that_sends_no_request_head_is_disconnected() {
+        let addr = hello(LIMITS, CancellationToken::new()).await;
+        let mut silent = TcpStream::connect(addr).await.unwrap();
+        assert!(closed(&mut silent).await, "the silent client is let go");
+        let mut idle = TcpStream::connect(addr).await.unwrap();
+        assert!(exchange(&mut idle).await.starts_with("HTTP/1.1 200"));
+        assert!(closed(&mut idle).await, "an idle keep-alive client too");
+    }
+
+    #[tokio::test]
+    async fn connections_over_the_cap_wait_for_a_free_slot() {
+        let limits = Limits {
+            header_read_timeout: Duration::from_secs(60),
+            ..LIMITS
+        };
+        let addr = hello(limits, CancellationToken::new()).await;
+        let mut first = TcpStream::connect(addr).await.unwrap();
+        let mut second = TcpStream::connect(addr).await.unwrap();
+        assert!(exchange(&mut first).await.starts_with("HTTP/1.1 200"));
+        assert!(exchange(&mut second).await.starts_with("HTTP/1.1 200"));
+        // The kernel completes the third handshake, but muster does not
+        // take the connection until one of the two closes.
+        let mut third = TcpStream::connect(addr).await.unwrap();
+        let mut waiting = tokio::spawn(async move { exchange(&mut third).await });
+        // A slow machine can only make this pass without a cap, never
+        // fail with one.
+        let early = tokio::time::timeout(Duration::from_millis(300), &mut waiting).await;
+        assert!(early.is_err(), "served past the cap");
+        drop(first);
+        let reply = tokio::time::timeout(DEADLINE, waiting)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    }
+
+    #[tokio::test]
+    async fn shutdown_stops_accepting_and_lets_open_connections_finish() {
+        let shutdown = CancellationToken::new();
+        let addr = hello(LIMITS, shutdown.clone()).await;
+        let mut open = TcpStream::connect(addr).await.unwrap();
+        assert!(exchange(&mut open).await.starts_with("HTTP/1.1 200"));
+        shutdown.cancel();
+        assert!(closed(&mut open).await, "an idle connection is closed");
+        let refused = async {
+            while TcpStream::connect(addr).await.is_ok() {
+                tokio::task::yield_now().await;
+            }
+        };
+        assert!(
+            tokio::time::timeout(DEADLINE, refused).await.is_ok(),
+            "new connections are refused"
+        );
+    }
+}
