@@ -407,8 +407,21 @@ async fn a_killed_backend_costs_get_clients_nothing_and_is_ejected() {
     muster.stop().await;
 }
 
+/// What the gateway answers a `CONNECT target` (reqwest cannot send one).
+async fn connect_through(muster: &Muster, target: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(muster.gateway.unwrap())
+        .await
+        .unwrap();
+    let request = format!("CONNECT {target} HTTP/1.1\r\nhost: {target}\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut reply = vec![0u8; 512];
+    let n = stream.read(&mut reply).await.unwrap();
+    String::from_utf8_lossy(&reply[..n]).into_owned()
+}
+
 #[tokio::test]
-async fn failures_answer_503_502_504_and_404_in_json() {
+async fn failures_answer_503_502_504_405_and_404_in_json() {
     let muster = start_with(with_gateway(ORDERS)).await;
     let (status, body, headers) = get(&muster, "/api/orders").await;
     assert_eq!(status, 503, "no instance: {body}");
@@ -419,6 +432,8 @@ async fn failures_answer_503_502_504_and_404_in_json() {
     let (status, body, _) = get(&muster, "/nowhere").await;
     assert_eq!(status, 404);
     assert!(body["error"].as_str().unwrap().contains("no route"));
+    let connect = connect_through(&muster, "example.com:443").await;
+    assert!(connect.starts_with("HTTP/1.1 405"), "{connect}");
 
     let dead = Upstream::start("dead").await;
     muster

@@ -175,6 +175,11 @@ pub async fn handle(
         request_id: request_id.clone(),
         started,
     };
+    // A reverse proxy opens no tunnels to where clients name.
+    if request.method() == Method::CONNECT {
+        let failure = Failure::new(StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not proxied");
+        return error_response(failure, completion);
+    }
     let Some((index, route)) = found else {
         let failure = Failure::new(StatusCode::NOT_FOUND, "no route matches this request");
         return error_response(failure, completion);
