@@ -15,6 +15,7 @@ mod headers;
 mod pool;
 mod proxy;
 mod routes;
+mod watched;
 
 use std::convert::Infallible;
 use std::io;

@@ -12,15 +12,12 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
 use http_body_util::BodyExt;
-use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
+use hyper::body::{Body as HttpBody, Incoming};
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper::http::uri::Authority;
 use hyper::{Request, Response, StatusCode};
@@ -29,6 +26,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::proxy::{Body, BoxError};
+use super::watched::{Ending, Watched, Watcher};
 
 /// Why an upstream request got no response.
 #[derive(Debug, thiserror::Error)]
@@ -152,14 +150,17 @@ impl Http1Pool {
         // An upgraded connection belongs to the tunnel from now on.
         let reusable = response.status() != StatusCode::SWITCHING_PROTOCOLS;
         response.map(|inner| {
-            let lease = reusable.then(|| Lease {
+            if !reusable {
+                return inner.map_err(BoxError::from).boxed();
+            }
+            let lease = Lease {
                 sender,
                 upload,
                 authority: authority.clone(),
                 pool: Arc::downgrade(&self.shared),
-            });
-            let mut body = PooledBody { inner, lease };
-            body.release_if_done();
+            };
+            let mut body = Watched::new(inner, lease);
+            body.end_if_empty();
             body.boxed()
         })
     }
@@ -251,113 +252,35 @@ fn track_upload(request: Request<Body>) -> (Request<Body>, Upload) {
     }
     let sent = Arc::new(AtomicBool::new(false));
     let watched = sent.clone();
-    let request = request.map(|inner| {
-        UploadBody {
-            inner,
-            sent: watched,
-        }
-        .boxed()
-    });
+    let request = request.map(|inner| Watched::new(inner, Uploaded(watched)).boxed());
     (request, Some(sent))
 }
 
-/// A request body that records when it has gone out in full.
-struct UploadBody {
-    inner: Body,
-    sent: Arc<AtomicBool>,
-}
+/// Sets its flag when the request body has gone out in full.
+struct Uploaded(Arc<AtomicBool>);
 
-impl HttpBody for UploadBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        // hyper stops polling once the body says it has ended.
-        let ended = match &polled {
-            Poll::Ready(None) => true,
-            Poll::Ready(Some(Ok(_))) => self.inner.is_end_stream(),
-            Poll::Ready(Some(Err(_))) | Poll::Pending => false,
-        };
-        if ended {
-            self.sent.store(true, Ordering::Release);
+impl Watcher for Uploaded {
+    fn ended(self, how: Ending) {
+        if how == Ending::Complete {
+            self.0.store(true, Ordering::Release);
         }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
     }
 }
 
-/// An upstream response body that gives its connection back at the end.
-struct PooledBody {
-    inner: Incoming,
-    lease: Option<Lease>,
-}
-
-impl PooledBody {
-    /// Returns the connection to its pool, once; closes it instead if
-    /// the request's body is still going out.
-    fn give_back(&mut self) {
-        let Some(lease) = self.lease.take() else {
-            return;
-        };
-        let uploading = lease
+/// A connection returns to its pool when the response body has been read
+/// to the end and the request's body has gone out in full; otherwise it
+/// closes.
+impl Watcher for Lease {
+    fn ended(self, how: Ending) {
+        let uploading = self
             .upload
             .as_ref()
             .is_some_and(|sent| !sent.load(Ordering::Acquire));
-        if !uploading && let Some(pool) = lease.pool.upgrade() {
-            pool.put(lease.authority, lease.sender);
+        if how == Ending::Complete
+            && !uploading
+            && let Some(pool) = self.pool.upgrade()
+        {
+            pool.put(self.authority, self.sender);
         }
-    }
-
-    fn release_if_done(&mut self) {
-        if self.inner.is_end_stream() {
-            self.give_back();
-        }
-    }
-}
-
-impl HttpBody for PooledBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        match &polled {
-            Poll::Ready(Some(Ok(_))) => self.release_if_done(),
-            // A broken body leaves the connection in an unknown state.
-            Poll::Ready(Some(Err(_))) => self.lease = None,
-            Poll::Ready(None) => self.give_back(),
-            Poll::Pending => {}
-        }
-        polled.map(|frame| frame.map(|result| result.map_err(BoxError::from)))
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-impl Drop for PooledBody {
-    /// hyper stops polling a body that says it has ended, without waiting
-    /// for the final `None`.
-    fn drop(&mut self) {
-        self.release_if_done();
     }
 }

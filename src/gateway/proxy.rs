@@ -2,14 +2,12 @@
 //! and answer; every failure becomes a small JSON error with the request
 //! id, and every request ends in one access-log event and its metrics.
 
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Empty, Full};
-use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
+use hyper::body::{Body as HttpBody, Incoming};
 use hyper::header::{self, HeaderValue};
 use hyper::http::uri::{Authority, PathAndQuery};
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
@@ -19,6 +17,7 @@ use tracing::{debug, info};
 
 use super::balance::InFlight;
 use super::headers::{Peer, REQUEST_ID, TRACEPARENT, set_forwarded, strip_hop_by_hop, tokens};
+use super::watched::{Ending, Watched, Watcher};
 use super::{Gateway, Policy};
 use crate::config::UpstreamProtocol;
 use crate::telemetry::{ACCESS_TARGET, RouteLabel, RouteMeters, RouteStatus};
@@ -56,10 +55,25 @@ struct Completion {
     uri: Uri,
     request_id: HeaderValue,
     started: Instant,
+    /// Response body bytes sent so far.
+    bytes: u64,
+}
+
+/// The record completes when the response body ends, or is dropped if
+/// the client goes away.
+impl Watcher for Completion {
+    fn data(&mut self, bytes: usize) {
+        self.bytes += bytes as u64;
+    }
+
+    fn ended(self, _: Ending) {
+        self.finish();
+    }
 }
 
 impl Completion {
-    fn finish(self, bytes: u64) {
+    fn finish(self) {
+        let bytes = self.bytes;
         let seconds = self.started.elapsed().as_secs_f64();
         // Plain `&str` fields: the access formatter writes them as they are.
         info!(
@@ -94,59 +108,6 @@ impl Completion {
     }
 }
 
-/// A response body that counts its bytes and completes the request's
-/// record when it ends (or is dropped, if the client goes away).
-struct Observed {
-    inner: Body,
-    bytes: u64,
-    completion: Option<Completion>,
-}
-
-impl Observed {
-    fn complete(&mut self) {
-        if let Some(completion) = self.completion.take() {
-            completion.finish(self.bytes);
-        }
-    }
-}
-
-impl HttpBody for Observed {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = &mut *self;
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        match &polled {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
-                    this.bytes += data.len() as u64;
-                }
-            }
-            Poll::Ready(None | Some(Err(_))) => this.complete(),
-            Poll::Pending => {}
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-impl Drop for Observed {
-    fn drop(&mut self) {
-        self.complete();
-    }
-}
-
 /// Serves one request from `peer`.
 pub async fn handle(
     gateway: Arc<Gateway>,
@@ -174,6 +135,7 @@ pub async fn handle(
         uri: request.uri().clone(),
         request_id: request_id.clone(),
         started,
+        bytes: 0,
     };
     // A reverse proxy opens no tunnels to where clients name.
     if request.method() == Method::CONNECT {
@@ -192,13 +154,7 @@ pub async fn handle(
         Ok((response, instance)) => {
             completion.instance = Some(instance);
             completion.status = response.status().as_u16();
-            response.map(|inner| {
-                BoxBody::new(Observed {
-                    inner,
-                    bytes: 0,
-                    completion: Some(completion),
-                })
-            })
+            response.map(|inner| BoxBody::new(Watched::new(inner, completion)))
         }
         Err((failure, instance)) => {
             completion.instance = instance;
@@ -430,14 +386,8 @@ fn error_response(failure: Failure, mut completion: Completion) -> Response<Body
         "request_id": request_id.to_str().unwrap_or(""),
     })
     .to_string();
-    let observed = Observed {
-        inner: Full::new(Bytes::from(body))
-            .map_err(|never| match never {})
-            .boxed(),
-        bytes: 0,
-        completion: Some(completion),
-    };
-    let mut response = Response::new(BoxBody::new(observed));
+    let body = Full::new(Bytes::from(body)).map_err(|never| match never {});
+    let mut response = Response::new(BoxBody::new(Watched::new(body, completion)));
     *response.status_mut() = failure.status;
     let headers = response.headers_mut();
     headers.insert(
