@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use hickory_proto::rr::RecordType;
 use hickory_server::net::xfer::Protocol;
-use muster::dns::cache::AnswerCache;
+use muster::dns::cache::{AnswerCache, Transport};
 use muster::dns::respond;
 use support::authority_and_registry;
 
@@ -52,7 +52,15 @@ fn handler(c: &mut Criterion) {
             let mut out = Vec::with_capacity(1232);
             let id = BenchmarkId::new(format!("{label} cached"), services);
             group.bench_with_input(id, bytes, |b, bytes| {
-                b.iter(|| cache.respond(&authority, black_box(bytes), client, None, &mut out))
+                b.iter(|| {
+                    cache.respond(
+                        &authority,
+                        black_box(bytes),
+                        client,
+                        Transport::Udp(None),
+                        &mut out,
+                    )
+                })
             });
             assert!(
                 cache.len() == 1 && !out.is_empty(),

@@ -19,7 +19,7 @@ use std::time::Instant;
 
 use hickory_proto::rr::RecordType;
 use hickory_server::net::xfer::Protocol;
-use muster::dns::cache::AnswerCache;
+use muster::dns::cache::{AnswerCache, Transport};
 use muster::dns::{Authority, respond};
 use muster::registry::{Change, Registry};
 
@@ -101,7 +101,7 @@ fn answer_mix(
     for query in mix {
         let query = black_box(query.as_slice());
         sent += if mode != "general" {
-            cache.respond(authority, query, client, None, &mut out);
+            cache.respond(authority, query, client, Transport::Udp(None), &mut out);
             out.len()
         } else {
             respond(authority, query, client, Protocol::Udp, None).map_or(0, |r| r.bytes.len())

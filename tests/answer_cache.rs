@@ -11,7 +11,7 @@ use hickory_proto::op::{Edns, Message, Query};
 use hickory_proto::rr::rdata::opt::EdnsOption;
 use hickory_proto::rr::{Name, Record, RecordType};
 use hickory_server::net::xfer::Protocol;
-use muster::dns::cache::AnswerCache;
+use muster::dns::cache::{AnswerCache, Transport};
 use muster::dns::zones::{ZoneSet, parse};
 use muster::dns::{Authority, RegistryZone, respond};
 use muster::registry::{Change, InstanceSpec, Registry};
@@ -148,7 +148,13 @@ impl Ask {
 fn fast(fixture: &Fixture, cache: &mut AnswerCache, ask: &Ask) -> Vec<u8> {
     let mut out = Vec::new();
     cache
-        .respond(&fixture.authority, &ask.bytes(), client(), None, &mut out)
+        .respond(
+            &fixture.authority,
+            &ask.bytes(),
+            client(),
+            Transport::Udp(None),
+            &mut out,
+        )
         .expect("a simple query takes the fast path");
     out
 }
@@ -157,7 +163,13 @@ fn fast(fixture: &Fixture, cache: &mut AnswerCache, ask: &Ask) -> Vec<u8> {
 fn fast_stream(fixture: &Fixture, cache: &mut AnswerCache, ask: &Ask) -> Vec<u8> {
     let mut out = Vec::new();
     cache
-        .respond_stream(&fixture.authority, &ask.bytes(), client(), &mut out)
+        .respond(
+            &fixture.authority,
+            &ask.bytes(),
+            client(),
+            Transport::Stream,
+            &mut out,
+        )
         .expect("a simple query takes the fast path");
     out
 }
@@ -297,6 +309,7 @@ proptest! {
             let stream = fast_stream(fixture, &mut cache, &ask);
             prop_assert_eq!(seen(&stream), expected_stream.clone());
         }
+        prop_assert!(cache.encoded() <= 1, "encoded {} times", cache.encoded());
     }
 }
 
@@ -461,14 +474,17 @@ fn a_cached_answer_follows_changes_to_its_service_and_zones() {
             .len()
     };
     assert_eq!(count(&mut cache), 2);
+    assert_eq!(cache.encoded(), 1);
     fixture.register("other", "o-1", "10.9.0.1", 1);
     assert_eq!(count(&mut cache), 2, "another service's change keeps it");
+    assert_eq!(cache.encoded(), 1, "kept, not encoded again");
     fixture.register("web", "w-9", "10.0.0.9", 10);
     assert_eq!(
         count(&mut cache),
         3,
         "its own service's change shows at once"
     );
+    assert_eq!(cache.encoded(), 2, "re-encoded once");
     fixture.register("web", "w-10", "10.0.0.10", 10);
     fixture.register("other", "o-2", "10.9.0.2", 1);
     assert_eq!(
@@ -510,7 +526,13 @@ fn unusual_queries_go_the_general_way() {
     let simple = Ask::simple("web.svc.internal.", RecordType::A).bytes();
     let mut take = |bytes: &[u8]| {
         cache
-            .respond(&fixture.authority, bytes, client(), None, &mut out)
+            .respond(
+                &fixture.authority,
+                bytes,
+                client(),
+                Transport::Udp(None),
+                &mut out,
+            )
             .is_some()
     };
     assert!(take(&simple));

@@ -9,7 +9,7 @@ use std::sync::{Arc, OnceLock};
 use hickory_proto::rr::Name;
 use hickory_server::net::xfer::Protocol;
 use libfuzzer_sys::fuzz_target;
-use muster::dns::cache::AnswerCache;
+use muster::dns::cache::{AnswerCache, Transport};
 use muster::dns::rrl::Rrl;
 use muster::dns::zones::ZoneSet;
 use muster::dns::{Authority, RegistryZone, respond};
@@ -85,7 +85,7 @@ fuzz_target!(|data: &[u8]| {
     let mut out = Vec::new();
     for _ in 0..2 {
         if cache
-            .respond(&setup.authority, data, client, Some(&setup.rrl), &mut out)
+            .respond(&setup.authority, data, client, Transport::Udp(Some(&setup.rrl)), &mut out)
             .is_some()
             && !out.is_empty()
         {

@@ -45,14 +45,16 @@ const DECODED_OPTIONS: [u16; 2] = [3, 8];
 /// One worker's cache of encoded answers.
 pub struct AnswerCache {
     /// foldhash, seeded per process so names cannot be chosen to collide.
-    /// With it (and one lookup per hit instead of two) the cached path
-    /// went from 1,983 to 1,228 instructions per query under callgrind;
-    /// SipHash had been a quarter of them.
+    /// With it, and one lookup per hit instead of two, the cached path
+    /// went from 1,983 to 1,228 instructions per query under callgrind
+    /// (`benches/dns_instructions.sh`, both changes together).
     entries: HashMap<Box<[u8]>, Entry, foldhash::fast::RandomState>,
     /// The lowercased question of the query being answered.
     key: Vec<u8>,
     /// Answers kept before the cache starts over.
     limit: usize,
+    /// Answers encoded so far: first ones and refreshes of stale ones.
+    encoded: u64,
 }
 
 /// A query of the common shape, read in place.
@@ -118,33 +120,8 @@ impl AnswerCache {
             entries: HashMap::default(),
             key: Vec::with_capacity(260),
             limit: (TOTAL_ENTRIES / workers.max(1)).max(MIN_ENTRIES),
+            encoded: 0,
         }
-    }
-
-    /// Writes the response to `query` from `peer` into `out`. `None` when
-    /// the query must go the general way; an empty `out` when rate
-    /// limiting dropped the answer.
-    pub fn respond(
-        &mut self,
-        authority: &Authority,
-        query: &[u8],
-        peer: SocketAddr,
-        rrl: Option<&Rrl>,
-        out: &mut Vec<u8>,
-    ) -> Option<Outcome> {
-        self.respond_over(authority, query, peer, Transport::Udp(rrl), out)
-    }
-
-    /// As [`respond`](Self::respond), for a query that came over TCP (or
-    /// TLS): no size limit short of 64 KiB and no rate limiting.
-    pub fn respond_stream(
-        &mut self,
-        authority: &Authority,
-        query: &[u8],
-        peer: SocketAddr,
-        out: &mut Vec<u8>,
-    ) -> Option<Outcome> {
-        self.respond_over(authority, query, peer, Transport::Stream, out)
     }
 
     /// Answers any query into `out`: from the cache when it has the
@@ -159,20 +136,26 @@ impl AnswerCache {
         transport: Transport<'_>,
         out: &mut Vec<u8>,
     ) -> Option<Outcome> {
-        if let Some(outcome) = self.respond_over(authority, query, peer, transport, out) {
+        if let Some(outcome) = self.respond(authority, query, peer, transport, out) {
             return Some(outcome);
         }
-        let (protocol, rrl) = match transport {
-            Transport::Udp(rrl) => (Protocol::Udp, rrl),
-            Transport::Stream => (Protocol::Tcp, None),
-        };
-        let reply = respond(authority, query, peer, protocol, rrl)?;
+        let reply = respond(
+            authority,
+            query,
+            peer,
+            transport.protocol(),
+            transport.rrl(),
+        )?;
         out.clear();
         out.extend_from_slice(&reply.bytes);
         Some(reply.outcome)
     }
 
-    fn respond_over(
+    /// Writes the response to `query` from `peer` into `out` from the
+    /// cache, encoding and keeping the answer first if need be. `None`
+    /// when the query must go the general way; an empty `out` when rate
+    /// limiting dropped the answer.
+    pub fn respond(
         &mut self,
         authority: &Authority,
         query: &[u8],
@@ -181,10 +164,11 @@ impl AnswerCache {
         out: &mut Vec<u8>,
     ) -> Option<Outcome> {
         let parsed = SimpleQuery::parse(query, &mut self.key)?;
-        let (limit, rrl) = match transport {
-            Transport::Udp(rrl) => (parsed.udp_limit(), rrl),
-            Transport::Stream => (usize::from(u16::MAX), None),
+        let limit = match transport {
+            Transport::Udp(_) => parsed.udp_limit(),
+            Transport::Stream => usize::from(u16::MAX),
         };
+        let rrl = transport.rrl();
         let snapshot = authority.snapshot();
         let zones = authority.zones_generation();
         let reply = Reply {
@@ -196,18 +180,35 @@ impl AnswerCache {
             rrl,
             cap: authority.max_answers(),
         };
-        if let Some(entry) = self.entries.get_mut(self.key.as_slice())
-            && entry.is_fresh(&snapshot, zones)
-        {
+        if let Some(entry) = self.entries.get_mut(self.key.as_slice()) {
+            if !entry.is_fresh(&snapshot, zones) {
+                // Re-encoded in place: the key is already there.
+                match Entry::prepare(authority, &self.key) {
+                    Some(fresh) => {
+                        *entry = fresh;
+                        self.encoded += 1;
+                    }
+                    None => {
+                        self.entries.remove(self.key.as_slice());
+                        return None;
+                    }
+                }
+            }
             return Some(reply.write(entry, authority, out));
         }
-        let entry = Entry::prepare(authority, &parsed)?;
+        let entry = Entry::prepare(authority, &self.key)?;
+        self.encoded += 1;
         if self.entries.len() >= self.limit {
             self.entries.clear();
         }
         let outcome = reply.write(&entry, authority, out);
         self.entries.insert(self.key.as_slice().into(), entry);
         Some(outcome)
+    }
+
+    /// Answers encoded so far (a hit encodes nothing).
+    pub fn encoded(&self) -> u64 {
+        self.encoded
     }
 
     /// Answers held.
@@ -228,6 +229,24 @@ pub enum Transport<'r> {
     Udp(Option<&'r Rrl>),
     /// TCP or TLS.
     Stream,
+}
+
+impl<'r> Transport<'r> {
+    /// The rate limiter that applies: UDP's, if configured.
+    fn rrl(self) -> Option<&'r Rrl> {
+        match self {
+            Self::Udp(rrl) => rrl,
+            Self::Stream => None,
+        }
+    }
+
+    /// The protocol the general path answers for.
+    fn protocol(self) -> Protocol {
+        match self {
+            Self::Udp(_) => Protocol::Udp,
+            Self::Stream => Protocol::Tcp,
+        }
+    }
 }
 
 /// What a response is written for.
@@ -471,20 +490,17 @@ fn read_opt(rest: &[u8]) -> Option<u16> {
 }
 
 impl Entry {
-    /// Computes and encodes the answer to `query`; `None` when it cannot
-    /// be cached (the general path answers instead).
-    fn prepare(authority: &Authority, query: &SimpleQuery<'_>) -> Option<Self> {
-        let question = &query.bytes[HEADER..query.question_end];
-        let question = LowerQuery::query(Query::read(&mut BinDecoder::new(question)).ok()?);
-        let prepared = authority.prepare(&question);
+    /// Computes and encodes the answer to `question` (the cache key: the
+    /// lowercased question in wire form); `None` when it cannot be cached
+    /// (the general path answers instead).
+    fn prepare(authority: &Authority, question: &[u8]) -> Option<Self> {
+        // Already lowercased, so owner names compress to it.
+        let lowered = Query::read(&mut BinDecoder::new(question)).ok()?;
+        let prepared = authority.prepare(&LowerQuery::query(lowered.clone()));
         let answer = prepared.answer;
         if answer.rcode.high() != 0 {
             return None;
         }
-        // Encoded against the lowercased question, so owner names
-        // compress to it.
-        let mut lowered = Query::query(question.name().into(), question.query_type());
-        lowered.set_query_class(question.query_class());
         Some(Self {
             records: encode_records(&lowered, &answer)?,
             rcode: answer.rcode,
