@@ -7,8 +7,7 @@
 //!
 //! hyper-util's pooled client did the same for HTTP/1 but hashed its pool
 //! key several times per request and spawned a task per request to wait
-//! for the connection to become idle: about a tenth of the gateway's
-//! instructions per request.
+//! for the connection to become idle.
 
 use std::collections::HashMap;
 use std::io;

@@ -35,9 +35,9 @@ pub struct NamedPort {
 }
 
 /// An instance's named ports, sorted by name. A boxed slice rather than a
-/// map: most instances have one or two, and a map's first node alone costs
-/// more than the rest of the instance (see the performance notes in the
-/// README). Serialized as a JSON object, as the API shows it.
+/// map: most instances have one or two, and a `BTreeMap` allocates a whole
+/// node (room for eleven entries) for the first one. Serialized as a JSON
+/// object, as the API shows it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct NamedPorts(Box<[(String, NamedPort)]>);
 
