@@ -227,32 +227,17 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    /// Counts one answered DNS query.
+    /// Counts one answered DNS query, through a tally of one (the loops
+    /// that answer many keep a [`DnsTally`] of their own).
     pub fn record_dns(
-        &self,
+        self: &Arc<Self>,
         transport: &'static str,
         outcome: &DnsOutcome,
         elapsed: std::time::Duration,
     ) {
-        self.dns_queries
-            .get_or_create(&DnsQuery {
-                transport,
-                qtype: qtype_label(outcome.qtype),
-                rcode: rcode_label(outcome.rcode),
-            })
-            .inc();
-        if outcome.truncated {
-            self.dns_truncated.inc();
-        }
-        let action = match outcome.rrl {
-            Some(crate::dns::rrl::Decision::Drop) => Some("drop"),
-            Some(crate::dns::rrl::Decision::Slip) => Some("slip"),
-            _ => None,
-        };
-        if let Some(action) = action {
-            self.dns_rrl.get_or_create(&RrlAction { action }).inc();
-        }
-        self.dns_duration.add(&LocalDurations::of(elapsed));
+        let mut one = DnsTally::new(self.clone(), transport);
+        one.record(outcome, elapsed);
+        one.flush();
     }
 
     /// The OpenMetrics content type `encode` produces.

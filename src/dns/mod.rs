@@ -36,7 +36,7 @@ use crate::telemetry::Metrics;
 use rrl::Rrl;
 use tcp::TcpContext;
 
-pub use answer::{Answer, Authority, Prepared, RegistryZone, Rotation, Scope, Validity};
+pub use answer::{Answer, Authority, RegistryZone};
 pub use wire::{MAX_UDP_PAYLOAD, Outcome, Reply, answer_request, respond};
 
 /// Bound DNS sockets: on each configured address, one UDP socket per
