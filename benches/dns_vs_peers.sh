@@ -66,18 +66,9 @@ for n in "$seconds" "$rounds" "$services" "$workers" "$clients" "$threads"; do
   case $n in '' | *[!0-9]* | 0) echo "SECONDS, ROUNDS, SERVICES, WORKERS, CLIENTS and THREADS are whole numbers > 0" >&2; exit 1 ;; esac
 done
 
-missing=()
-for tool in nsd:nsd knotd:knot dnsperf:dnsperf taskset:util-linux python3:python3 pgrep:procps; do
-  command -v "${tool%%:*}" >/dev/null 2>&1 || missing+=("${tool#*:}")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-  echo "missing tools; install them with: apt-get install ${missing[*]}" >&2
-  exit 1
-fi
-if [ "$(nproc)" -lt 2 ]; then
-  echo "needs 2 CPUs (servers on one, dnsperf on the other)" >&2
-  exit 1
-fi
+. "$(dirname "$0")/lib.sh"
+require_tools nsd:nsd knotd:knot dnsperf:dnsperf taskset:util-linux python3:python3 pgrep:procps
+require_two_cpus "servers on one, dnsperf on the other"
 
 cd "$(dirname "$0")/.."
 if [ -n "${MUSTER_BIN:-}" ]; then
@@ -119,7 +110,6 @@ cleanup() {
 }
 trap cleanup EXIT
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 # Data, queries, registration and DNS probes, in one helper.
 cat >"$work/bench.py" <<'PY'

@@ -14,14 +14,8 @@ set -euo pipefail
 
 seconds=${1:-10}
 
-missing=()
-for tool in valgrind:valgrind callgrind_control:valgrind nginx:nginx wrk:wrk curl:curl python3:python3; do
-  command -v "${tool%%:*}" >/dev/null 2>&1 || missing+=("${tool#*:}")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-  echo "missing tools; install them with: apt-get install ${missing[*]}" >&2
-  exit 1
-fi
+. "$(dirname "$0")/lib.sh"
+require_tools valgrind:valgrind callgrind_control:valgrind nginx:nginx wrk:wrk curl:curl python3:python3
 
 cd "$(dirname "$0")/.."
 cargo build --release --quiet
@@ -35,7 +29,6 @@ cleanup() {
 }
 trap cleanup EXIT
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 backend_port=$(free_port)
 api_port=$(free_port)
 gateway_port=$(free_port)
@@ -79,16 +72,11 @@ valgrind --tool=callgrind --callgrind-out-file="$work/callgrind.out" \
 muster_pid=$!
 pids+=("$muster_pid")
 
-wait_for() {
-  for _ in $(seq 1 300); do curl -fs -o /dev/null "$1" && return 0; sleep 0.2; done
-  echo "no answer from $1" >&2
-  exit 1
-}
-wait_for "http://127.0.0.1:$api_port/v1/status"
+wait_for "http://127.0.0.1:$api_port/v1/status" 300
 curl -fs -X PUT "http://127.0.0.1:$api_port/v1/services/backend/instances/b-1" \
   -H 'content-type: application/json' \
   -d "{\"address\": \"127.0.0.1\", \"port\": $backend_port}" >/dev/null
-wait_for "http://127.0.0.1:$gateway_port/bench"
+wait_for "http://127.0.0.1:$gateway_port/bench" 300
 # Warm: connections, pools and caches as they are under load.
 wrk -t1 -c16 -d2s "http://127.0.0.1:$gateway_port/bench" >/dev/null
 

@@ -24,18 +24,9 @@ if [ -n "${BASELINE:-}" ]; then
 fi
 connections=64
 
-missing=()
-for tool in nginx:nginx wrk:wrk taskset:util-linux curl:curl; do
-  command -v "${tool%%:*}" >/dev/null 2>&1 || missing+=("${tool#*:}")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-  echo "missing tools; install them with: apt-get install ${missing[*]}" >&2
-  exit 1
-fi
-if [ "$(nproc)" -lt 2 ]; then
-  echo "needs 2 CPUs (proxy on one, backend and wrk on the other)" >&2
-  exit 1
-fi
+. "$(dirname "$0")/lib.sh"
+require_tools nginx:nginx wrk:wrk taskset:util-linux curl:curl python3:python3
+require_two_cpus "proxy on one, backend and wrk on the other"
 
 cd "$(dirname "$0")/.."
 cargo build --release --quiet
@@ -49,7 +40,6 @@ cleanup() {
 }
 trap cleanup EXIT
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 backend_port=$(free_port)
 nginx_port=$(free_port)
 gateway_port=$(free_port)
@@ -98,8 +88,6 @@ load() {
       $1 == "99%" { p99 = ms($2) }
       END { printf "%s %.3f %.3f %s\n", rps, p50, p99, requests }'
 }
-
-wait_for() { for _ in $(seq 1 100); do curl -fs -o /dev/null "$1" && return 0; sleep 0.1; done; echo "no answer from $1" >&2; exit 1; }
 
 start_nginx() { taskset -c 0 nginx -c "$work/proxy/nginx.conf" & proxy_pid=$!; wait_for "http://127.0.0.1:$nginx_port/bench"; }
 
