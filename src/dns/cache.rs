@@ -15,11 +15,12 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 
 use hickory_proto::op::{LowerQuery, Query, ResponseCode};
-use hickory_proto::rr::{Record, RecordType};
+use hickory_proto::rr::RecordType;
 use hickory_proto::serialize::binary::{BinDecodable, BinDecoder, BinEncodable, BinEncoder};
 use hickory_server::net::xfer::Protocol;
 
 use super::answer::{Answer, Authority, Rotation, Scope, Validity};
+use super::movable;
 use super::rrl::{Decision, Rrl};
 use super::wire::{CLASSIC_UDP_PAYLOAD, MAX_UDP_PAYLOAD, Outcome, respond};
 use crate::registry::{Snapshot, journal_key};
@@ -502,7 +503,7 @@ impl Entry {
             return None;
         }
         Some(Self {
-            records: encode_records(&lowered, &answer)?,
+            records: encode_records(&lowered, &question[..question.len() - 4], &answer)?,
             rcode: answer.rcode,
             authoritative: answer.authoritative,
             checked: prepared.version,
@@ -536,60 +537,56 @@ impl Entry {
     }
 }
 
-/// `answer`'s records as the cache lays them out.
-fn encode_records(question: &Query, answer: &Answer) -> Option<Records> {
-    let mut buffer = Vec::with_capacity(512);
-    let mut encoder = BinEncoder::new(&mut buffer);
-    encoder.emit_vec(&[0; HEADER]).ok()?;
-    question.emit(&mut encoder).ok()?;
-    let question_end = encoder.offset();
-    let rotation = &answer.rotation;
-    if rotation.levels.is_empty() {
-        encoder
-            .emit_all(answer.answers.iter().chain(&answer.authorities))
-            .ok()?;
-        let main_end = encoder.offset();
-        encoder.emit_all(answer.additionals.iter()).ok()?;
-        return Some(Records::Fixed {
-            main: buffer[question_end..main_end].into(),
-            additionals: buffer[main_end..].into(),
-            counts: [
-                u16::try_from(answer.answers.len()).ok()?,
-                u16::try_from(answer.authorities.len()).ok()?,
-                u16::try_from(answer.additionals.len()).ok()?,
-            ],
-        });
+/// `answer`'s records as the cache lays them out; `name` is the
+/// question's name in wire form.
+fn encode_records(question: &Query, name: &[u8], answer: &Answer) -> Option<Records> {
+    if answer.rotation.levels.is_empty() {
+        return encode_fixed(question, answer);
     }
-    let movable = |r: &Record| {
-        matches!(
-            r.record_type(),
-            RecordType::A | RecordType::AAAA | RecordType::SRV
-        )
-    };
-    let paired = rotation.paired && answer.additionals.len() == answer.answers.len();
+    let paired = answer.rotation.paired && answer.additionals.len() == answer.answers.len();
     let cacheable = answer.authorities.is_empty()
         && (paired || answer.additionals.is_empty())
         && answer
             .answers
             .iter()
             .chain(&answer.additionals)
-            .all(movable);
+            .all(movable::is_movable);
     if !cacheable {
         return None;
     }
-    let mut bytes = Vec::new();
-    let mut ends = Vec::with_capacity(answer.answers.len() * 2);
+    let mut bytes = Vec::with_capacity(64 * (answer.answers.len() + answer.additionals.len()));
+    let mut ends = Vec::with_capacity(answer.answers.len() + answer.additionals.len());
     for record in answer.answers.iter().chain(&answer.additionals) {
-        encoder.set_offset(question_end);
-        encoder.trim();
-        record.emit(&mut encoder).ok()?;
-        bytes.extend_from_slice(encoder.slice_of(question_end, encoder.offset()));
+        movable::emit(record, name, &mut bytes)?;
         ends.push(u32::try_from(bytes.len()).ok()?);
     }
     Some(Records::Rotating {
         bytes: bytes.into(),
         ends: ends.into(),
         answers: answer.answers.len(),
-        rotation: rotation.clone(),
+        rotation: answer.rotation.clone(),
+    })
+}
+
+/// Answers that do not rotate, encoded by hickory after `question`.
+fn encode_fixed(question: &Query, answer: &Answer) -> Option<Records> {
+    let mut buffer = Vec::with_capacity(512);
+    let mut encoder = BinEncoder::new(&mut buffer);
+    encoder.emit_vec(&[0; HEADER]).ok()?;
+    question.emit(&mut encoder).ok()?;
+    let question_end = encoder.offset();
+    encoder
+        .emit_all(answer.answers.iter().chain(&answer.authorities))
+        .ok()?;
+    let main_end = encoder.offset();
+    encoder.emit_all(answer.additionals.iter()).ok()?;
+    Some(Records::Fixed {
+        main: buffer[question_end..main_end].into(),
+        additionals: buffer[main_end..].into(),
+        counts: [
+            u16::try_from(answer.answers.len()).ok()?,
+            u16::try_from(answer.authorities.len()).ok()?,
+            u16::try_from(answer.additionals.len()).ok()?,
+        ],
     })
 }

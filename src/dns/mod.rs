@@ -2,7 +2,8 @@
 //!
 //! Owns the naming scheme (`names`), static zone files (`zones`), the
 //! answer logic (`answer`), the wire rules (`wire`), the per-worker cache
-//! of encoded answers that most UDP queries are served from (`cache`), and
+//! of encoded answers that most UDP queries are served from (`cache`) with
+//! its own encoder for the records it rotates (`movable`), and
 //! the listeners:
 //! muster's own UDP loop per socket and TCP accept loop (so connections
 //! can be capped and idle ones closed), and hickory-server's `Server` for
@@ -12,6 +13,7 @@
 mod answer;
 pub mod cache;
 mod handler;
+mod movable;
 pub mod names;
 pub mod rrl;
 mod tcp;
