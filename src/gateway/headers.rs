@@ -32,8 +32,18 @@ pub fn tokens(headers: &HeaderMap, name: HeaderName) -> impl Iterator<Item = &st
 /// standard ones. `te: trailers` survives (it asks for trailers end to
 /// end); with `upgrade`, `Connection: upgrade` and `Upgrade` survive too.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
-    if !upgrade && !headers.keys().any(is_hop_by_hop) {
-        return;
+    if !upgrade {
+        let mut present = headers.keys().filter(|name| is_hop_by_hop(name));
+        match (present.next(), present.next()) {
+            (None, _) => return,
+            // An upstream's `Connection: keep-alive` (or `close`): the
+            // field goes and names nothing else to remove.
+            (Some(only), None) if only == header::CONNECTION && names_no_field(headers) => {
+                headers.remove(header::CONNECTION);
+                return;
+            }
+            _ => {}
+        }
     }
     let trailers = tokens(headers, header::TE).any(|t| t.eq_ignore_ascii_case("trailers"));
     // Fields `Connection` names besides the standard ones (`close` names none).
@@ -62,25 +72,33 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     }
 }
 
+/// Whether `Connection` names no field beyond the standard hop-by-hop ones.
+fn names_no_field(headers: &HeaderMap) -> bool {
+    tokens(headers, header::CONNECTION)
+        .all(|t| t.eq_ignore_ascii_case("close") || is_hop_by_hop_name(t))
+}
+
 /// A field that never crosses a proxy (or names those that must not).
+/// Field names are lowercase, so they match exactly.
 fn is_hop_by_hop(name: &HeaderName) -> bool {
-    is_hop_by_hop_name(name.as_str())
+    HOP_BY_HOP.contains(&name.as_str())
 }
 
 /// [`is_hop_by_hop`] for a name in any letter case.
 fn is_hop_by_hop_name(name: &str) -> bool {
-    [
-        "connection",
-        "upgrade",
-        "keep-alive",
-        "proxy-connection",
-        "te",
-        "transfer-encoding",
-        "trailer",
-    ]
-    .iter()
-    .any(|hop| hop.eq_ignore_ascii_case(name))
+    HOP_BY_HOP.iter().any(|hop| hop.eq_ignore_ascii_case(name))
 }
+
+/// The standard hop-by-hop fields, lowercase.
+const HOP_BY_HOP: [&str; 7] = [
+    "connection",
+    "upgrade",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "transfer-encoding",
+    "trailer",
+];
 
 /// A client connection's address, with the header values it yields
 /// worked out once per connection rather than per request.
@@ -318,6 +336,19 @@ mod tests {
         let mut untouched = headers(&[("x-a", "1"), ("x-b", "2")]);
         strip_hop_by_hop(&mut untouched, false);
         assert_eq!(untouched.len(), 2);
+    }
+
+    #[test]
+    fn a_lone_connection_field_still_removes_the_fields_it_names() {
+        let mut h = headers(&[
+            ("connection", "keep-alive"),
+            ("connection", "X-Secret"),
+            ("x-secret", "1"),
+            ("x-kept", "1"),
+        ]);
+        strip_hop_by_hop(&mut h, false);
+        let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["x-kept"]);
     }
 
     #[test]

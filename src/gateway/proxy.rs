@@ -211,6 +211,8 @@ async fn forward(
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
     });
     strip_hop_by_hop(&mut parts.headers, upgrade);
+    // Room for the six fields added below, so the map grows at most once.
+    parts.headers.reserve(6);
     set_forwarded(
         &mut parts.headers,
         peer,
