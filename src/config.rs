@@ -150,6 +150,10 @@ pub struct RouteConfig {
     pub connect_timeout: Duration,
     #[serde(default = "default_request_timeout", with = "duration")]
     pub timeout: Duration,
+    /// Longest the upstream may send nothing in the middle of a response
+    /// body.
+    #[serde(default = "default_read_timeout", with = "duration")]
+    pub read_timeout: Duration,
     #[serde(default = "default_retries")]
     pub retries: u32,
 }
@@ -189,6 +193,11 @@ fn default_connect_timeout() -> Duration {
 
 fn default_request_timeout() -> Duration {
     Duration::from_secs(30)
+}
+
+/// As nginx's `proxy_read_timeout`.
+fn default_read_timeout() -> Duration {
+    Duration::from_secs(60)
 }
 
 fn default_retries() -> u32 {

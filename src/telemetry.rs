@@ -158,7 +158,8 @@ impl RouteMeters {
 pub struct UpstreamError {
     /// Shared with the route table: no copy per request.
     pub route: Arc<str>,
-    /// `connect`, `reset`, `timeout` or `status_5xx`.
+    /// `connect`, `reset`, `timeout`, `status_5xx`, or `body` (the
+    /// response body failed midway: reset, or quiet past `read_timeout`).
     pub kind: &'static str,
 }
 

@@ -249,6 +249,64 @@ async fn a_connection_still_uploading_is_not_handed_to_the_next_request() {
 }
 
 #[tokio::test]
+async fn an_upstream_that_goes_quiet_mid_body_is_cut_off() {
+    use tokio::io::AsyncWriteExt;
+    let toml = orders_with(
+        "timeout = \"500ms\"",
+        "timeout = \"500ms\"\nread_timeout = \"300ms\"",
+    );
+    let muster = start_with(with_gateway(&toml)).await;
+    // Promises 100 bytes, sends 10 and goes quiet (but stays connected)
+    // on /stall; answers anything else.
+    let (addr, counts) = raw_upstream(|mut stream| async move {
+        while let Some(head) = read_head(&mut stream).await {
+            if head.contains("/stall") {
+                let partial = b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n0123456789";
+                let _ = stream.write_all(partial).await;
+                // Until muster closes the connection.
+                let _ = read_head(&mut stream).await;
+                return;
+            }
+            let _ = stream.write_all(OK_REPLY).await;
+        }
+    })
+    .await;
+    muster
+        .register_ok("orders", "o-1", register_raw(addr))
+        .await;
+    let response = muster
+        .http
+        .get(gateway_url(&muster, "/api/orders/stall"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200, "the headers came in time");
+    let body = response.bytes().await;
+    assert!(body.is_err(), "the body cannot complete: {body:?}");
+    support::wait_until("muster closes the quiet upstream connection", || async {
+        (counts.closed.load(Ordering::SeqCst) == 1).then_some(())
+    })
+    .await;
+    let text = muster.metrics().await;
+    assert_eq!(
+        support::metric(
+            &text,
+            "muster_gateway_upstream_errors_total{route=\"orders\",kind=\"body\"}"
+        ),
+        1.0,
+        "{text}"
+    );
+    let (status, _, _) = get(&muster, "/api/orders/1").await;
+    assert_eq!(status, 200, "the gateway serves on");
+    assert_eq!(
+        counts.accepted.load(Ordering::SeqCst),
+        2,
+        "the quiet connection was not pooled"
+    );
+    muster.stop().await;
+}
+
+#[tokio::test]
 async fn requests_round_robin_by_weight() {
     let muster = start_with(with_gateway(ORDERS)).await;
     let (a, b, c) = (

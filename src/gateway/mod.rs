@@ -4,8 +4,9 @@
 //! and DNS never disagree.
 //!
 //! Owns routing (`routes`), balancing and outlier ejection (`balance`),
-//! header hygiene (`headers`), forwarding (`proxy`) and upstream HTTP/1
-//! connections (`pool`). Routes live in an
+//! header hygiene (`headers`), forwarding (`proxy`), upstream HTTP/1
+//! connections (`pool`) and the limit on an upstream's silence mid-body
+//! (`quiet`). Routes live in an
 //! immutable [`Policy`] swapped whole on reload; requests in flight finish
 //! with the policy they started with. Never writes to the registry.
 
@@ -14,6 +15,7 @@ mod discovery;
 mod headers;
 mod pool;
 mod proxy;
+mod quiet;
 mod routes;
 mod watched;
 

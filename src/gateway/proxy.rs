@@ -17,10 +17,11 @@ use tracing::{debug, info};
 
 use super::balance::InFlight;
 use super::headers::{Peer, REQUEST_ID, TRACEPARENT, set_forwarded, strip_hop_by_hop, tokens};
+use super::quiet::QuietLimit;
 use super::watched::{Ending, Watched, Watcher};
 use super::{Gateway, Policy};
 use crate::config::UpstreamProtocol;
-use crate::telemetry::{ACCESS_TARGET, RouteLabel, RouteMeters, RouteStatus};
+use crate::telemetry::{ACCESS_TARGET, RouteLabel, RouteMeters, RouteStatus, UpstreamError};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Every body the gateway sends or receives, boxed.
@@ -66,7 +67,18 @@ impl Watcher for Completion {
         self.bytes += bytes as u64;
     }
 
-    fn ended(self, _: Ending) {
+    fn ended(self, how: Ending) {
+        if how == Ending::Failed {
+            let failed = UpstreamError {
+                route: self.route.clone(),
+                kind: "body",
+            };
+            self.gateway
+                .metrics
+                .gateway_upstream_errors
+                .get_or_create(&failed)
+                .inc();
+        }
         self.finish();
     }
 }
@@ -149,12 +161,16 @@ pub async fn handle(
     completion.route = route.name.clone();
     completion.meters = Some(policy.upstreams[index].meters.clone());
     completion.service = route.service.clone();
+    let read_timeout = route.read_timeout;
     let outcome = forward(&gateway, &policy, index, &peer, request_id, request).await;
     match outcome {
         Ok((response, instance)) => {
             completion.instance = Some(instance);
             completion.status = response.status().as_u16();
-            response.map(|inner| BoxBody::new(Watched::new(inner, completion)))
+            response.map(|inner| {
+                let limited = QuietLimit::new(inner, read_timeout);
+                BoxBody::new(Watched::new(limited, completion))
+            })
         }
         Err((failure, instance)) => {
             completion.instance = instance;

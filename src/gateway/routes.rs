@@ -46,6 +46,7 @@ pub struct Route {
     pub upstream: UpstreamProtocol,
     pub connect_timeout: Duration,
     pub timeout: Duration,
+    pub read_timeout: Duration,
     pub retries: u32,
 }
 
@@ -140,6 +141,7 @@ impl Route {
             upstream: config.upstream,
             connect_timeout: config.connect_timeout,
             timeout: config.timeout,
+            read_timeout: config.read_timeout,
             retries: config.retries,
         })
     }
@@ -314,6 +316,9 @@ pub fn validate_route(route: &RouteConfig) -> Result<(), (&'static str, String)>
     if route.timeout.is_zero() {
         return Err(("timeout", "must be more than 0".into()));
     }
+    if route.read_timeout.is_zero() {
+        return Err(("read_timeout", "must be more than 0".into()));
+    }
     if route.retries > crate::config::MAX_RETRIES {
         return Err(("retries", format!("at most {}", crate::config::MAX_RETRIES)));
     }
@@ -449,6 +454,7 @@ mod tests {
         assert_eq!(key("port = \"_http\""), "port");
         assert_eq!(key("retries = 11"), "retries");
         assert_eq!(key("timeout = \"0s\""), "timeout");
+        assert_eq!(key("read_timeout = \"0s\""), "read_timeout");
         assert_eq!(
             key("strip_prefix = \"/a\"\nreplace_prefix = { from = \"/a\", to = \"/b\" }"),
             "replace_prefix"
