@@ -93,6 +93,8 @@ impl Default for RrlConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct ApiConfig {
     pub listen: SocketAddr,
+    /// Connections served at once; more wait in the kernel's backlog.
+    pub max_connections: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -100,6 +102,9 @@ pub struct ApiConfig {
 pub struct GatewayConfig {
     pub enabled: bool,
     pub listen: SocketAddr,
+    /// Client connections served at once; more wait in the kernel's
+    /// backlog.
+    pub max_connections: usize,
     /// Peers whose `X-Forwarded-*` / `Forwarded` headers are extended
     /// rather than replaced (CIDR prefixes or single addresses).
     pub trusted_proxies: Vec<ipnet::IpNet>,
@@ -271,6 +276,7 @@ impl Default for ApiConfig {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8500)),
+            max_connections: 4_096,
         }
     }
 }
@@ -280,6 +286,7 @@ impl Default for GatewayConfig {
         Self {
             enabled: true,
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            max_connections: 16_384,
             trusted_proxies: Vec::new(),
             upstream_idle_timeout: Duration::from_secs(4),
             eject_after_errors: 5,
@@ -396,6 +403,9 @@ impl Config {
         if self.dns.tcp_idle_timeout.is_zero() {
             return Err(at("dns.tcp_idle_timeout")("must be more than 0".into()));
         }
+        if self.api.max_connections == 0 {
+            return Err(at("api.max_connections")("must be at least 1".into()));
+        }
         tracing_subscriber::EnvFilter::builder()
             .parse(&self.log.level)
             .map_err(|e| at("log.level")(format!("{:?}: {e}", self.log.level)))?;
@@ -404,6 +414,12 @@ impl Config {
 
     fn validate_gateway(&self) -> Result<(), (String, String)> {
         let gateway = &self.gateway;
+        if gateway.max_connections == 0 {
+            return Err((
+                "gateway.max_connections".into(),
+                "must be at least 1".into(),
+            ));
+        }
         if gateway.upstream_idle_timeout.is_zero() {
             return Err((
                 "gateway.upstream_idle_timeout".into(),
@@ -527,9 +543,11 @@ mod tests {
             reverse = true
             [api]
             listen = "127.0.0.1:9500"
+            max_connections = 64
             [gateway]
             enabled = false
             listen = "127.0.0.1:9080"
+            max_connections = 128
             [log]
             level = "muster=debug,warn"
             format = "json"
@@ -542,6 +560,8 @@ mod tests {
         assert_eq!(config.dns.negative_ttl, Duration::from_secs(60));
         assert_eq!(config.zone_fqdn(), "example.internal.");
         assert!(!config.gateway.enabled);
+        assert_eq!(config.api.max_connections, 64);
+        assert_eq!(config.gateway.max_connections, 128);
         assert!(config.dns.only_passing);
         assert_eq!(config.dns.max_answers, 3);
         assert!(config.dns.reverse);
@@ -582,6 +602,14 @@ mod tests {
         assert_eq!(
             invalid("[gateway]\nupstream_idle_timeout = \"0s\"").key(),
             Some("gateway.upstream_idle_timeout")
+        );
+        assert_eq!(
+            invalid("[gateway]\nmax_connections = 0").key(),
+            Some("gateway.max_connections")
+        );
+        assert_eq!(
+            invalid("[api]\nmax_connections = 0").key(),
+            Some("api.max_connections")
         );
     }
 

@@ -27,7 +27,7 @@ use tracing::error;
 
 pub use config::Config;
 
-use crate::config::{ApiConfig, DnsConfig, StoreKind, ttl_seconds};
+use crate::config::{ApiConfig, DnsConfig, GatewayConfig, StoreKind, ttl_seconds};
 use crate::dns::tls::{Certificates, TlsError};
 use crate::dns::zones::{ZoneError, load_dir};
 use crate::dns::{Authority, RegistryZone};
@@ -120,7 +120,7 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
     .await?;
     let api_addr = start_api(api, &registry, health, metrics, &shutdown, &mut tasks).await?;
     let gateway_addr = match gateway.enabled {
-        true => Some(start_gateway(gateway.listen, front_door, &shutdown, &mut tasks).await?),
+        true => Some(start_gateway(gateway, front_door, &shutdown, &mut tasks).await?),
         false => None,
     };
     Ok(Running {
@@ -278,19 +278,20 @@ async fn start_dns(
 }
 
 async fn start_gateway(
-    listen: SocketAddr,
+    config: &GatewayConfig,
     gateway: Arc<Gateway>,
     shutdown: &CancellationToken,
     tasks: &mut JoinSet<io::Result<()>>,
 ) -> Result<SocketAddr, StartError> {
     let bind_error = |source| StartError::Bind {
         what: "gateway",
-        address: listen.to_string(),
+        address: config.listen.to_string(),
         source,
     };
-    let listener = TcpListener::bind(listen).await.map_err(bind_error)?;
+    let listener = TcpListener::bind(config.listen).await.map_err(bind_error)?;
     let addr = listener.local_addr().map_err(bind_error)?;
-    tasks.spawn(gateway::serve(listener, gateway, shutdown.clone()));
+    let serving = gateway::serve(listener, gateway, config.max_connections, shutdown.clone());
+    tasks.spawn(serving);
     Ok(addr)
 }
 
@@ -315,7 +316,12 @@ async fn start_api(
         metrics,
         started: Instant::now(),
     });
-    tasks.spawn(api::serve(listener, router, shutdown.clone()));
+    tasks.spawn(api::serve(
+        listener,
+        router,
+        api.max_connections,
+        shutdown.clone(),
+    ));
     Ok(addr)
 }
 

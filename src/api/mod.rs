@@ -63,23 +63,22 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Connections served at once; more wait in the kernel's backlog.
-const MAX_CONNECTIONS: usize = 4_096;
 /// A client must send each request head within this; it also closes
 /// idle keep-alive connections. Blocking queries wait on their own clock.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long requests in flight get to finish on shutdown.
 const DRAIN: Duration = Duration::from_secs(10);
 
-/// Serves `router` on `listener` until `shutdown`, then drains requests
-/// in flight (up to a bound).
+/// Serves `router` on `listener`, `max_connections` at a time, until
+/// `shutdown`, then drains requests in flight (up to a bound).
 pub async fn serve(
     listener: TcpListener,
     router: Router,
+    max_connections: usize,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let limits = http_server::Limits {
-        max_connections: MAX_CONNECTIONS,
+        max_connections,
         header_read_timeout: HEADER_READ_TIMEOUT,
         drain: DRAIN,
     };

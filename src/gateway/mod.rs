@@ -50,8 +50,6 @@ use pool::{Http1Pool, SendError};
 use proxy::{Body, BoxError};
 use routes::{Route, RouteTable};
 
-/// Connections served at once; more wait in the kernel's backlog.
-const MAX_CONNECTIONS: usize = 16_384;
 /// A client must send its request head within this.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long connections get to finish on shutdown.
@@ -227,15 +225,17 @@ impl Gateway {
     }
 }
 
-/// Serves the gateway on `listener` until `shutdown`, then lets open
-/// connections finish their requests (up to a bound).
+/// Serves the gateway on `listener`, `max_connections` at a time, until
+/// `shutdown`, then lets open connections finish their requests (up to a
+/// bound).
 pub async fn serve(
     listener: TcpListener,
     gateway: Arc<Gateway>,
+    max_connections: usize,
     shutdown: CancellationToken,
 ) -> io::Result<()> {
     let limits = http_server::Limits {
-        max_connections: MAX_CONNECTIONS,
+        max_connections,
         header_read_timeout: HEADER_READ_TIMEOUT,
         drain: DRAIN,
     };
