@@ -605,6 +605,12 @@ async fn headers_are_cleaned_forwarded_and_traced() {
         fresh["headers"]["x-request-id"],
         response_headers["x-request-id"].to_str().unwrap()
     );
+    let trace = fresh["headers"]["traceparent"].as_str().unwrap();
+    assert_eq!(
+        &trace[3..35],
+        response_headers["x-request-id"].to_str().unwrap(),
+        "a new trace is keyed by the generated request id: {trace}"
+    );
     muster.stop().await;
 }
 

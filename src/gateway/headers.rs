@@ -233,8 +233,10 @@ impl Ids {
     }
 
     /// The `traceparent` to send upstream: the client's trace continued
-    /// with a new span id for this hop, or a new trace.
-    pub fn traceparent(&self, headers: &HeaderMap) -> HeaderValue {
+    /// with a new span id for this hop, or a new trace. A new trace's id
+    /// is `request_id` when that is 32 lowercase hex digits (as generated
+    /// ones are) and not all zero, so access lines and traces share a key.
+    pub fn traceparent(&self, headers: &HeaderMap, request_id: &HeaderValue) -> HeaderValue {
         let continued = headers
             .get(TRACEPARENT)
             .and_then(|v| v.to_str().ok())
@@ -247,13 +249,25 @@ impl Ids {
                 value[53..].copy_from_slice(flags.as_bytes());
             }
             None => {
-                value[3..35].copy_from_slice(&self.hex128());
+                match as_trace_id(request_id) {
+                    Some(id) => value[3..35].copy_from_slice(id),
+                    None => value[3..35].copy_from_slice(&self.hex128()),
+                }
                 value[53..].copy_from_slice(b"01");
             }
         }
         write_hex(&mut value[36..52], self.next_u64());
         hex_value(&value)
     }
+}
+
+/// `id` when it can serve as a trace id: 32 lowercase hex digits, not all
+/// zero.
+fn as_trace_id(id: &HeaderValue) -> Option<&[u8]> {
+    let bytes = id.as_bytes();
+    let hex = |b: &u8| b.is_ascii_digit() || (b'a'..=b'f').contains(b);
+    (bytes.len() == 32 && bytes.iter().all(hex) && bytes.iter().any(|&b| b != b'0'))
+        .then_some(bytes)
 }
 
 /// `n` as 16 lowercase hex digits into `out`.
@@ -423,13 +437,35 @@ mod tests {
     fn traceparent_is_continued_or_started() {
         let ids = Ids::default();
         let incoming = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
-        let next = ids.traceparent(&headers(&[("traceparent", incoming)]));
+        let request_id = ids.request_id(&HeaderMap::new());
+        let next = ids.traceparent(&headers(&[("traceparent", incoming)]), &request_id);
         let next = next.to_str().unwrap();
         assert!(next.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"));
         assert!(next.ends_with("-01"));
         assert_ne!(next, incoming, "a new span id for this hop");
-        let started = ids.traceparent(&headers(&[("traceparent", "garbage")]));
-        assert!(parse_traceparent(started.to_str().unwrap()).is_some());
+        let started = ids.traceparent(&headers(&[("traceparent", "garbage")]), &request_id);
+        let started = started.to_str().unwrap();
+        assert!(parse_traceparent(started).is_some());
+        assert_eq!(
+            &started[3..35],
+            request_id.to_str().unwrap(),
+            "a new trace takes the generated request id"
+        );
+        for unfit in [
+            "order-17",
+            "00000000000000000000000000000000",
+            "4BF92F3577B34DA6A3CE929D0E0E4736",
+        ] {
+            let given = HeaderValue::from_static(unfit);
+            let started = ids.traceparent(&HeaderMap::new(), &given);
+            let started = started.to_str().unwrap();
+            assert!(parse_traceparent(started).is_some(), "{started}");
+            assert_ne!(
+                &started[3..35],
+                unfit,
+                "a fresh trace id instead of {unfit}"
+            );
+        }
         assert!(
             parse_traceparent("00-00000000000000000000000000000000-00f067aa0ba902b7-01").is_none()
         );

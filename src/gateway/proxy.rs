@@ -236,7 +236,7 @@ async fn forward(
         original_host.as_ref(),
     );
     parts.headers.insert(REQUEST_ID, request_id.clone());
-    let traceparent = gateway.ids.traceparent(&parts.headers);
+    let traceparent = gateway.ids.traceparent(&parts.headers, &request_id);
     parts.headers.insert(TRACEPARENT, traceparent);
     match route.upstream {
         UpstreamProtocol::Http1 => {
