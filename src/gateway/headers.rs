@@ -135,20 +135,16 @@ pub fn set_forwarded(
     trusted: bool,
     host: Option<&HeaderValue>,
 ) {
-    let mut element = peer.forwarded.clone();
-    if let Some(host) = host.and_then(|h| h.to_str().ok()) {
-        element.reserve(host.len() + 7);
-        element.push_str(";host=\"");
-        element.push_str(host);
-        element.push('"');
-    }
+    let element = forwarded_element(peer, host);
     if trusted {
         let address = peer.address.to_str().unwrap_or("unknown");
         extend(headers, X_FORWARDED_FOR, address);
-        extend(headers, FORWARDED, &element);
+        if let Some(element) = element.as_ref().and_then(|e| e.to_str().ok()) {
+            extend(headers, FORWARDED, element);
+        }
     } else {
         headers.insert(X_FORWARDED_FOR, peer.address.clone());
-        if let Ok(element) = HeaderValue::from_str(&element) {
+        if let Some(element) = element {
             headers.insert(FORWARDED, element);
         }
     }
@@ -165,6 +161,21 @@ pub fn set_forwarded(
             }
         }
     }
+}
+
+/// This hop's `Forwarded` element: `for=…;proto=http`, and `;host="…"`
+/// when the request named a host. Built in one buffer that becomes the
+/// value without a copy.
+fn forwarded_element(peer: &Peer, host: Option<&HeaderValue>) -> Option<HeaderValue> {
+    let host = host.and_then(|h| h.to_str().ok());
+    let mut element = Vec::with_capacity(peer.forwarded.len() + host.map_or(0, |h| h.len() + 8));
+    element.extend_from_slice(peer.forwarded.as_bytes());
+    if let Some(host) = host {
+        element.extend_from_slice(b";host=\"");
+        element.extend_from_slice(host.as_bytes());
+        element.push(b'"');
+    }
+    HeaderValue::from_maybe_shared(bytes::Bytes::from(element)).ok()
 }
 
 /// Appends `value` to a trusted peer's chain in `name`.
