@@ -27,7 +27,7 @@ use tracing::error;
 
 pub use config::Config;
 
-use crate::config::{ApiConfig, DnsConfig, GatewayConfig, StoreKind, ttl_seconds};
+use crate::config::{ApiConfig, DnsConfig, GatewayConfig, StoreKind};
 use crate::dns::tls::{Certificates, TlsError};
 use crate::dns::zones::{ZoneError, load_dir};
 use crate::dns::{Authority, RegistryZone};
@@ -90,7 +90,7 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
         open_store(*store, data_dir)?,
         dns.only_passing,
     )?);
-    let authority = Arc::new(authority(config, dns, zones_dir, &registry)?);
+    let authority = Arc::new(authority(config, zones_dir, &registry)?);
     let metrics = Arc::new(Metrics::default());
     let front_door = Arc::new(Gateway::new(config, registry.clone(), metrics.clone())?);
     let certificates = match (&dns.tls_cert, &dns.tls_key) {
@@ -195,36 +195,14 @@ pub fn open_store(kind: StoreKind, data_dir: &Path) -> Result<Box<dyn Store>, St
 
 fn authority(
     config: &Config,
-    dns: &DnsConfig,
     zones_dir: &std::path::Path,
     registry: &Arc<Registry>,
 ) -> Result<Authority, StartError> {
     let zones = load_dir(zones_dir)?;
-    let zone = config.zone_fqdn();
-    let origin = hickory_proto::rr::Name::from_ascii(&zone)
-        .map_err(|_| StartError::Zone { zone: zone.clone() })?;
-    Ok(Authority::new(
-        registry.clone(),
-        zones,
-        RegistryZone {
-            origin,
-            ttl: ttl_seconds(dns.ttl),
-            negative_ttl: ttl_seconds(dns.negative_ttl),
-            max_answers: dns.max_answers,
-            reverse: dns.reverse,
-            transfers: dns
-                .transfers
-                .iter()
-                .filter_map(|(zone, peers)| {
-                    let zone = format!("{}.", zone.trim_end_matches('.'));
-                    Some((
-                        hickory_proto::rr::Name::from_ascii(zone).ok()?,
-                        peers.clone(),
-                    ))
-                })
-                .collect(),
-        },
-    ))
+    let zone = RegistryZone::from_config(config).ok_or_else(|| StartError::Zone {
+        zone: config.zone_fqdn(),
+    })?;
+    Ok(Authority::new(registry.clone(), zones, zone))
 }
 
 async fn start_dns(

@@ -11,6 +11,7 @@ use hickory_proto::op::{Edns, Message, Query};
 use hickory_proto::rr::rdata::opt::EdnsOption;
 use hickory_proto::rr::{Name, Record, RecordType};
 use hickory_server::net::xfer::Protocol;
+use muster::Config;
 use muster::dns::cache::{AnswerCache, Transport};
 use muster::dns::zones::{ZoneSet, parse};
 use muster::dns::{Authority, RegistryZone, respond};
@@ -57,12 +58,8 @@ impl Fixture {
                 registry.clone(),
                 static_zones("127.0.0.80"),
                 RegistryZone {
-                    origin: Name::from_ascii("svc.internal.").unwrap(),
-                    ttl: 5,
-                    negative_ttl: 5,
-                    max_answers: 0,
                     reverse: true,
-                    transfers: Vec::new(),
+                    ..RegistryZone::from_config(&Config::default()).unwrap()
                 },
             ),
             registry,

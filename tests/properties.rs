@@ -7,6 +7,7 @@ use std::sync::{Arc, OnceLock};
 use hickory_proto::op::{Message, Query};
 use hickory_proto::rr::{Name, RecordType};
 use hickory_server::net::xfer::Protocol;
+use muster::Config;
 use muster::dns::names::{RegistryName, classify};
 use muster::dns::zones::ZoneSet;
 use muster::dns::{Authority, RegistryZone, respond};
@@ -52,12 +53,8 @@ fn authority() -> &'static Authority {
                     registry,
                     ZoneSet::default(),
                     RegistryZone {
-                        origin: Name::from_ascii("svc.internal.").unwrap(),
-                        ttl: 5,
-                        negative_ttl: 5,
-                        max_answers: 0,
                         reverse: true,
-                        transfers: Vec::new(),
+                        ..RegistryZone::from_config(&Config::default()).unwrap()
                     },
                 )
             });

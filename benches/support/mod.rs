@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use hickory_proto::op::{Edns, Message, Query};
 use hickory_proto::rr::{Name, RecordType};
+use muster::Config;
 use muster::dns::zones::ZoneSet;
 use muster::dns::{Authority, RegistryZone};
 use muster::registry::{Change, InstanceSpec, Registry};
@@ -22,14 +23,7 @@ pub async fn authority_and_registry(services: usize) -> (Authority, Arc<Registry
     let authority = Authority::new(
         registry.clone(),
         ZoneSet::default(),
-        RegistryZone {
-            origin: Name::from_ascii("svc.internal.").unwrap(),
-            ttl: 5,
-            negative_ttl: 5,
-            max_answers: 0,
-            reverse: false,
-            transfers: Vec::new(),
-        },
+        RegistryZone::from_config(&Config::default()).expect("the default zone"),
     );
     (authority, registry)
 }

@@ -6,7 +6,6 @@
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 
-use hickory_proto::rr::Name;
 use hickory_server::net::xfer::Protocol;
 use libfuzzer_sys::fuzz_target;
 use muster::dns::cache::{AnswerCache, Transport};
@@ -40,21 +39,15 @@ fn setup() -> &'static Setup {
                     .await
                     .unwrap();
             }
-            Authority::new(
-                registry,
-                ZoneSet::default(),
-                RegistryZone {
-                    origin: Name::from_ascii("svc.internal.").unwrap(),
-                    ttl: 5,
-                    negative_ttl: 5,
-                    max_answers: 2,
-                    reverse: true,
-                    transfers: vec![(
-                        Name::from_ascii("svc.internal.").unwrap(),
-                        vec!["0.0.0.0/0".parse().unwrap()],
-                    )],
-                },
-            )
+            let mut config = muster::Config::default();
+            config.dns.max_answers = 2;
+            config.dns.reverse = true;
+            config
+                .dns
+                .transfers
+                .insert("svc.internal.".into(), vec!["0.0.0.0/0".parse().unwrap()]);
+            let zone = RegistryZone::from_config(&config).unwrap();
+            Authority::new(registry, ZoneSet::default(), zone)
         });
         let mut rrl_config = muster::config::RrlConfig::default();
         rrl_config.responses_per_second = 1000;

@@ -15,6 +15,7 @@ use hickory_proto::rr::{DNSClass, LowerName, Name, RData, Record, RecordType};
 
 use super::names::{RegistryName, classify};
 use super::zones::{Lookup, StaticZone, ZoneSet};
+use crate::config::ttl_seconds;
 use crate::registry::{Endpoint, Instance, PortSelector, Registry, Service, Snapshot};
 
 /// The sections of a response, before encoding.
@@ -153,6 +154,30 @@ pub struct RegistryZone {
     pub reverse: bool,
     /// Static zones that may be transferred, and to whom.
     pub transfers: Vec<(Name, Vec<ipnet::IpNet>)>,
+}
+
+impl RegistryZone {
+    /// The registry zone `config` describes; `None` when `dns.zone` is
+    /// not a domain name (config validation refuses those).
+    pub fn from_config(config: &crate::Config) -> Option<Self> {
+        let dns = &config.dns;
+        let transfers = dns
+            .transfers
+            .iter()
+            .filter_map(|(zone, peers)| {
+                let zone = format!("{}.", zone.trim_end_matches('.'));
+                Some((Name::from_ascii(zone).ok()?, peers.clone()))
+            })
+            .collect();
+        Some(Self {
+            origin: Name::from_ascii(config.zone_fqdn()).ok()?,
+            ttl: ttl_seconds(dns.ttl),
+            negative_ttl: ttl_seconds(dns.negative_ttl),
+            max_answers: dns.max_answers,
+            reverse: dns.reverse,
+            transfers,
+        })
+    }
 }
 
 /// The reverse zones muster answers in when `reverse` is on.
