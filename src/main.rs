@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use sd_notify::NotifyState;
 use tracing::{info, warn};
 
 use muster::registry::{EmbeddedStore, store};
@@ -142,10 +143,12 @@ async fn serve(path: Option<PathBuf>) -> anyhow::Result<()> {
         .gateway
         .map_or_else(|| "off".to_string(), |a| a.to_string());
     info!(dns = %dns.join(","), api = %running.api, gateway = %gateway, "muster ready");
+    tell_service_manager(&[NotifyState::Ready]);
     let shutdown = running.shutdown_token();
     tokio::spawn(async move {
         wait_for_termination().await;
         info!("shutting down");
+        tell_service_manager(&[NotifyState::Stopping]);
         shutdown.cancel();
     });
     tokio::spawn(reload_on_hangup(running.reloader(), path.clone()));
@@ -171,19 +174,36 @@ async fn reload_on_hangup(reloader: muster::Reloader, path: Option<PathBuf>) {
         return;
     };
     while hangups.recv().await.is_some() {
-        let config = match path.as_deref().map(Config::read).transpose() {
-            Ok(config) => config,
-            Err(error) => {
-                warn!(error = %error, "reload failed; serving the previous configuration");
-                continue;
-            }
-        };
-        match reloader.reload(config.as_ref()) {
-            Ok(()) => info!("zones and routes reloaded"),
-            Err(error) => {
-                warn!(error = %error, "reload failed; serving the previous configuration")
-            }
+        match NotifyState::monotonic_usec_now() {
+            Ok(now) => tell_service_manager(&[NotifyState::Reloading, now]),
+            Err(error) => warn!(error = %error, "no monotonic clock to stamp the reload with"),
         }
+        reload(&reloader, path.as_deref());
+        tell_service_manager(&[NotifyState::Ready]);
+    }
+}
+
+fn reload(reloader: &muster::Reloader, path: Option<&std::path::Path>) {
+    let config = match path.map(Config::read).transpose() {
+        Ok(config) => config,
+        Err(error) => {
+            warn!(error = %error, "reload failed; serving the previous configuration");
+            return;
+        }
+    };
+    match reloader.reload(config.as_ref()) {
+        Ok(()) => info!("zones and routes reloaded"),
+        Err(error) => {
+            warn!(error = %error, "reload failed; serving the previous configuration")
+        }
+    }
+}
+
+/// Tells the service manager (systemd, with `Type=notify`) what muster is
+/// doing; nothing when it did not ask (no `NOTIFY_SOCKET`).
+fn tell_service_manager(states: &[NotifyState<'_>]) {
+    if let Err(error) = sd_notify::notify(states) {
+        warn!(error = %error, "could not notify the service manager");
     }
 }
 

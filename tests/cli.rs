@@ -143,6 +143,39 @@ async fn until_reply(
     .await;
 }
 
+#[test]
+fn serve_tells_systemd_when_ready_reloading_and_stopping() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = ephemeral_config(dir.path(), &support::repo_zones());
+    let socket_path = dir.path().join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let receive = || {
+        let mut message = [0u8; 512];
+        let length = socket
+            .recv(&mut message)
+            .expect("a notification within the deadline");
+        String::from_utf8_lossy(&message[..length]).into_owned()
+    };
+    let mut served =
+        support::serve_with(&config, &[("NOTIFY_SOCKET", socket_path.to_str().unwrap())]);
+    assert_eq!(receive(), "READY=1\n", "once serving");
+    signal(&served.child, "HUP");
+    let reloading = receive();
+    assert!(
+        reloading.starts_with("RELOADING=1\nMONOTONIC_USEC="),
+        "{reloading}"
+    );
+    assert_eq!(receive(), "READY=1\n", "after the reload");
+    signal(&served.child, "TERM");
+    assert_eq!(receive(), "STOPPING=1\n");
+    let exit =
+        wait_for_exit(&mut served.child, Duration::from_secs(15)).expect("exits after SIGTERM");
+    assert!(exit.success(), "clean exit: {exit:?}");
+}
+
 #[tokio::test]
 async fn serve_registers_resolves_reloads_on_sighup_and_stops_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();

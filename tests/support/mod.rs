@@ -351,9 +351,15 @@ impl Drop for Served {
 }
 
 pub fn serve(config: &str) -> Served {
+    serve_with(config, &[])
+}
+
+/// [`serve`] with these environment variables set.
+pub fn serve_with(config: &str, env: &[(&str, &str)]) -> Served {
     let mut child = Command::new(env!("CARGO_BIN_EXE_muster"))
         .args(["serve", "--config", config])
         .env_remove("RUST_LOG")
+        .envs(env.iter().copied())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
