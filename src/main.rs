@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use sd_notify::NotifyState;
+use tokio::signal::unix::{Signal, SignalKind, signal};
 use tracing::{info, warn};
 
 use muster::registry::{EmbeddedStore, store};
@@ -138,6 +139,11 @@ async fn serve(path: Option<PathBuf>) -> anyhow::Result<()> {
     let config = load(path.as_ref())?;
     telemetry::init(&config.log);
     let running = muster::start(&config).await?;
+    // Handlers before anyone is told muster is ready: a SIGHUP that came
+    // before them would end the process (the default action).
+    let hangups = signal(SignalKind::hangup());
+    let interrupt = signal(SignalKind::interrupt()).ok();
+    let terminate = signal(SignalKind::terminate()).ok();
     let dns: Vec<String> = running.dns.iter().map(ToString::to_string).collect();
     let gateway = running
         .gateway
@@ -146,12 +152,17 @@ async fn serve(path: Option<PathBuf>) -> anyhow::Result<()> {
     tell_service_manager(&[NotifyState::Ready]);
     let shutdown = running.shutdown_token();
     tokio::spawn(async move {
-        wait_for_termination().await;
+        wait_for_termination(interrupt, terminate).await;
         info!("shutting down");
         tell_service_manager(&[NotifyState::Stopping]);
         shutdown.cancel();
     });
-    tokio::spawn(reload_on_hangup(running.reloader(), path.clone()));
+    match hangups {
+        Ok(hangups) => {
+            tokio::spawn(reload_on_hangup(hangups, running.reloader(), path.clone()));
+        }
+        Err(error) => warn!(error = %error, "cannot listen for SIGHUP; reload needs a restart"),
+    }
     let token = running.shutdown_token();
     let wait = running.wait();
     tokio::pin!(wait);
@@ -167,12 +178,7 @@ async fn serve(path: Option<PathBuf>) -> anyhow::Result<()> {
 
 /// On every SIGHUP, re-reads the config file (if there is one) and
 /// reloads zones and gateway routes; a failed reload keeps what is served.
-async fn reload_on_hangup(reloader: muster::Reloader, path: Option<PathBuf>) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let Ok(mut hangups) = signal(SignalKind::hangup()) else {
-        warn!("cannot listen for SIGHUP; reload needs a restart");
-        return;
-    };
+async fn reload_on_hangup(mut hangups: Signal, reloader: muster::Reloader, path: Option<PathBuf>) {
     while hangups.recv().await.is_some() {
         match NotifyState::monotonic_usec_now() {
             Ok(now) => tell_service_manager(&[NotifyState::Reloading, now]),
@@ -207,16 +213,20 @@ fn tell_service_manager(states: &[NotifyState<'_>]) {
     }
 }
 
-async fn wait_for_termination() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut terminate = signal(SignalKind::terminate()).ok();
+/// Until SIGINT (Ctrl-C) or SIGTERM, of those whose handlers could be set.
+async fn wait_for_termination(mut interrupt: Option<Signal>, mut terminate: Option<Signal>) {
     tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        () = async {
-            match terminate.as_mut() {
-                Some(term) => { term.recv().await; }
-                None => std::future::pending().await,
-            }
-        } => {}
+        () = arrival(&mut interrupt) => {}
+        () = arrival(&mut terminate) => {}
+    }
+}
+
+/// The next arrival of `signal`; never, without a handler.
+async fn arrival(signal: &mut Option<Signal>) {
+    match signal {
+        Some(signal) => {
+            signal.recv().await;
+        }
+        None => std::future::pending().await,
     }
 }
