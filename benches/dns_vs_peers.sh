@@ -681,6 +681,8 @@ echo "muster / knot: queries/s $(ratio "${med_qps[muster]}" "${med_qps[knot]}"),
   "CPU per query $(ratio "${med_cpu[muster]}" "${med_cpu[knot]}");" \
   "muster / nsd: queries/s $(ratio "${med_qps[muster]}" "${med_qps[nsd]}")," \
   "CPU per query $(ratio "${med_cpu[muster]}" "${med_cpu[nsd]}")"
+echo "round by round (servers of a round ran one after another): muster / knot CPU per query" \
+  "$(paired muster knot 6); muster / nsd $(paired muster nsd 6)"
 if [ "$churn" -gt 0 ]; then
   echo "churn: registry changes per second achieved: ${churn_rates[*]};" \
     "with them muster's queries/s $(ratio "${med_qps[churn]}" "${med_qps[muster]}")x," \
