@@ -643,18 +643,6 @@ for server in "${servers[@]}"; do
 done
 ratio() { awk -v m="$1" -v n="$2" 'BEGIN { printf "%.2f", n ? m / n : 0 }'; }
 
-# Column $3 of server $1 over that of server $2 in the same round: the
-# median of the rounds' ratios, then each round's in order.
-paired() {
-  local each
-  each=$(printf '%s\n' "${results[@]}" | awk -v a="$1" -v b="$2" -v c="$3" '
-    $2 == a { x[$1] = $c } $2 == b { y[$1] = $c }
-    END { for (r = 1; r in x; r++) if (y[r] > 0) printf "%.2f\n", x[r] / y[r] }')
-  printf '%sx (rounds: %s)' \
-    "$(sort -g <<<"$each" | awk '{ v[NR] = $1 } END {
-      if (NR % 2) print v[(NR + 1) / 2]; else printf "%.2f", (v[NR / 2] + v[NR / 2 + 1]) / 2 }')" \
-    "$(paste -sd' ' <<<"$each")"
-}
 
 echo
 contended=$(printf '%s\n' "${results[@]}" | awk '$8 > 10' | wc -l)

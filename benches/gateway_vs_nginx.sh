@@ -156,4 +156,6 @@ ratio() { awk -v m="$1" -v n="$2" 'BEGIN { printf "%.2f", m / n }'; }
 echo
 echo "muster / $peer: requests/s $(ratio "${total_rps[muster]}" "${total_rps[$peer]}")," \
   "p99 $(ratio "${total_p99[muster]}" "${total_p99[$peer]}")," \
-  "CPU per request $(ratio "${total_cpu[muster]}" "${total_cpu[$peer]}")"
+  "CPU per request $(ratio "${total_cpu[muster]}" "${total_cpu[$peer]}") (means)"
+echo "round by round (the two runs of a round back to back): p99 $(paired muster "$peer" 5)," \
+  "CPU per request $(paired muster "$peer" 6)"
