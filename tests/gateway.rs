@@ -160,6 +160,27 @@ async fn read_head(stream: &mut tokio::net::TcpStream) -> Option<String> {
     Some(String::from_utf8_lossy(&head).into_owned())
 }
 
+/// A raw upstream that answers every request with [`OK_REPLY`], except
+/// one whose head contains `marker`: that gets `reply`, and its connection
+/// is then held, swallowing whatever else comes, until muster closes it.
+async fn raw_upstream_holding_after(
+    marker: &'static str,
+    reply: &'static [u8],
+) -> (std::net::SocketAddr, Counts) {
+    use tokio::io::AsyncWriteExt;
+    raw_upstream(move |mut stream| async move {
+        while let Some(head) = read_head(&mut stream).await {
+            if head.contains(marker) {
+                let _ = stream.write_all(reply).await;
+                let _ = tokio::io::copy(&mut stream, &mut tokio::io::sink()).await;
+                return;
+            }
+            let _ = stream.write_all(OK_REPLY).await;
+        }
+    })
+    .await
+}
+
 fn register_raw(addr: std::net::SocketAddr) -> Value {
     json!({"address": addr.ip().to_string(), "port": addr.port(), "ports": {"http": addr.port()}})
 }
@@ -204,23 +225,10 @@ async fn a_kept_alive_connection_the_upstream_closed_is_not_reused() {
 
 #[tokio::test]
 async fn a_connection_still_uploading_is_not_handed_to_the_next_request() {
-    use tokio::io::AsyncWriteExt;
     let muster = start_with(with_gateway(ORDERS)).await;
     // POSTs are refused before their body is read; GETs are answered.
-    let (addr, counts) = raw_upstream(|mut stream| async move {
-        while let Some(head) = read_head(&mut stream).await {
-            if head.starts_with("POST") {
-                let refusal = b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 0\r\n\r\n";
-                let _ = stream.write_all(refusal).await;
-                // Keep the connection, swallowing whatever else comes.
-                let mut sink = tokio::io::sink();
-                let _ = tokio::io::copy(&mut stream, &mut sink).await;
-                return;
-            }
-            let _ = stream.write_all(OK_REPLY).await;
-        }
-    })
-    .await;
+    let refusal = b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 0\r\n\r\n";
+    let (addr, counts) = raw_upstream_holding_after("POST ", refusal).await;
     muster
         .register_ok("orders", "o-1", register_raw(addr))
         .await;
@@ -250,7 +258,6 @@ async fn a_connection_still_uploading_is_not_handed_to_the_next_request() {
 
 #[tokio::test]
 async fn an_upstream_that_goes_quiet_mid_body_is_cut_off() {
-    use tokio::io::AsyncWriteExt;
     let toml = orders_with(
         "timeout = \"500ms\"",
         "timeout = \"500ms\"\nread_timeout = \"300ms\"",
@@ -258,19 +265,8 @@ async fn an_upstream_that_goes_quiet_mid_body_is_cut_off() {
     let muster = start_with(with_gateway(&toml)).await;
     // Promises 100 bytes, sends 10 and goes quiet (but stays connected)
     // on /stall; answers anything else.
-    let (addr, counts) = raw_upstream(|mut stream| async move {
-        while let Some(head) = read_head(&mut stream).await {
-            if head.contains("/stall") {
-                let partial = b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n0123456789";
-                let _ = stream.write_all(partial).await;
-                // Until muster closes the connection.
-                let _ = read_head(&mut stream).await;
-                return;
-            }
-            let _ = stream.write_all(OK_REPLY).await;
-        }
-    })
-    .await;
+    let partial = b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n0123456789";
+    let (addr, counts) = raw_upstream_holding_after("/stall", partial).await;
     muster
         .register_ok("orders", "o-1", register_raw(addr))
         .await;
