@@ -10,7 +10,7 @@
 use std::error::Error as StdError;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use hyper::body::{Body, Incoming};
@@ -20,7 +20,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
@@ -35,6 +35,23 @@ pub struct Limits {
 
 type BoxError = Box<dyn StdError + Send + Sync>;
 
+/// A connection's place under `max_connections`. It is given back when the
+/// connection closes, unless its service took it first to outlive the
+/// connection (the gateway's upgraded tunnels do).
+#[derive(Clone)]
+pub struct ConnectionSlot(Arc<Mutex<Option<OwnedSemaphorePermit>>>);
+
+impl ConnectionSlot {
+    fn new(permit: OwnedSemaphorePermit) -> Self {
+        Self(Arc::new(Mutex::new(Some(permit))))
+    }
+
+    /// The permit, once: whoever holds it keeps the place taken.
+    pub fn take(&self) -> Option<OwnedSemaphorePermit> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).take()
+    }
+}
+
 /// Serves `listener` until `shutdown`; `what` names the server in logs.
 pub async fn serve<F, S, B>(
     listener: TcpListener,
@@ -44,7 +61,7 @@ pub async fn serve<F, S, B>(
     mut service_for: F,
 ) -> io::Result<()>
 where
-    F: FnMut(SocketAddr) -> S,
+    F: FnMut(SocketAddr, &ConnectionSlot) -> S,
     S: Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Into<BoxError>,
@@ -61,8 +78,8 @@ where
     let graceful = GracefulShutdown::new();
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     loop {
-        let slot = tokio::select! {
-            slot = slots.clone().acquire_owned() => slot.map_err(io::Error::other)?,
+        let permit = tokio::select! {
+            permit = slots.clone().acquire_owned() => permit.map_err(io::Error::other)?,
             () = shutdown.cancelled() => break,
         };
         let (stream, peer) = tokio::select! {
@@ -76,7 +93,8 @@ where
             () = shutdown.cancelled() => break,
         };
         let _ = stream.set_nodelay(true);
-        let (builder, service) = (builder.clone(), service_for(peer));
+        let slot = ConnectionSlot::new(permit);
+        let (builder, service) = (builder.clone(), service_for(peer, &slot));
         let (watcher, shutdown) = (graceful.watcher(), shutdown.clone());
         let first_bytes = limits.header_read_timeout;
         tokio::spawn(async move {
@@ -95,7 +113,7 @@ where
                     .into_owned();
                 let _ = watcher.watch(connection).await;
             }
-            drop(slot);
+            drop(slot.take());
         });
     }
     drop(listener);
@@ -124,7 +142,7 @@ mod tests {
     async fn hello(limits: Limits, shutdown: CancellationToken) -> SocketAddr {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        tokio::spawn(serve(listener, limits, shutdown, "test", |_| {
+        tokio::spawn(serve(listener, limits, shutdown, "test", |_, _| {
             service_fn(|_request| async {
                 Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"hi"))))
             })

@@ -668,6 +668,47 @@ async fn websockets_pass_through() {
 }
 
 #[tokio::test]
+async fn an_open_tunnel_keeps_its_connection_slot() {
+    use std::time::Duration;
+    let config = with_gateway(
+        "[gateway]\nmax_connections = 1\n\
+         [[gateway.routes]]\nname = \"ws\"\npath_prefix = \"/ws\"\nservice = \"chat\"\n",
+    );
+    let muster = start_with(config).await;
+    let (echo, _stop) = websocket_echo().await;
+    muster
+        .register_ok(
+            "chat",
+            "c-1",
+            json!({"address": echo.ip().to_string(), "port": echo.port()}),
+        )
+        .await;
+    let gateway = muster.gateway.unwrap();
+    let stream = tokio::net::TcpStream::connect(gateway).await.unwrap();
+    let (tunnel, _) = tokio_tungstenite::client_async(format!("ws://{gateway}/ws"), stream)
+        .await
+        .expect("the tunnel opens");
+    // The tunnel holds the only slot, so the next client waits in the
+    // backlog (a deliberate pause proving the negative).
+    let url = gateway_url(&muster, "/elsewhere");
+    let mut waiting = tokio::spawn(async move { reqwest::get(url).await.map(|r| r.status()) });
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), &mut waiting)
+            .await
+            .is_err(),
+        "a second client was served while the tunnel held max_connections = 1"
+    );
+    drop(tunnel);
+    let status = tokio::time::timeout(support::DEADLINE, waiting)
+        .await
+        .expect("served once the tunnel closed")
+        .unwrap()
+        .unwrap();
+    assert_eq!(status, 404);
+    muster.stop().await;
+}
+
+#[tokio::test]
 async fn h2c_from_clients_and_h2_to_upstreams() {
     let config = with_gateway(&format!(
         "{ORDERS}\n[[gateway.routes]]\nname = \"h2\"\npath_prefix = \"/h2\"\nservice = \"orders\"\nupstream = \"h2\"\n"

@@ -82,7 +82,7 @@ pub async fn serve(
         header_read_timeout: HEADER_READ_TIMEOUT,
         drain: DRAIN,
     };
-    http_server::serve(listener, limits, shutdown, "api", |_peer| {
+    http_server::serve(listener, limits, shutdown, "api", |_peer, _slot| {
         TowerToHyperService::new(router.clone())
     })
     .await

@@ -40,7 +40,7 @@ use tokio_util::sync::CancellationToken;
 pub use routes::validate_route;
 
 use crate::config::{Config, GatewayConfig, UpstreamProtocol};
-use crate::http_server;
+use crate::http_server::{self, ConnectionSlot};
 use crate::registry::Registry;
 use crate::telemetry::{Metrics, RouteMeters, UpstreamError};
 use balance::{Backend, Outliers, Picker};
@@ -225,6 +225,14 @@ impl Gateway {
     }
 }
 
+/// A client connection, as its requests see it.
+pub(crate) struct ClientConnection {
+    pub peer: Peer,
+    /// Its place under `gateway.max_connections`, which an upgraded
+    /// tunnel takes over from the connection.
+    pub slot: ConnectionSlot,
+}
+
 /// Serves the gateway on `listener`, `max_connections` at a time, until
 /// `shutdown`, then lets open connections finish their requests (up to a
 /// bound).
@@ -239,12 +247,15 @@ pub async fn serve(
         header_read_timeout: HEADER_READ_TIMEOUT,
         drain: DRAIN,
     };
-    http_server::serve(listener, limits, shutdown, "gateway", |peer| {
+    http_server::serve(listener, limits, shutdown, "gateway", |peer, slot| {
         let gateway = gateway.clone();
-        let peer = Arc::new(Peer::new(peer.ip()));
+        let client = Arc::new(ClientConnection {
+            peer: Peer::new(peer.ip()),
+            slot: slot.clone(),
+        });
         service_fn(move |request| {
-            let (gateway, peer) = (gateway.clone(), peer.clone());
-            async move { Ok::<_, Infallible>(proxy::handle(gateway, peer, request).await) }
+            let (gateway, client) = (gateway.clone(), client.clone());
+            async move { Ok::<_, Infallible>(proxy::handle(gateway, client, request).await) }
         })
     })
     .await

@@ -12,14 +12,15 @@ use hyper::header::{self, HeaderValue};
 use hyper::http::uri::{Authority, PathAndQuery};
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::TokioIo;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 use tracing::{debug, info};
 
 use super::balance::InFlight;
-use super::headers::{Peer, REQUEST_ID, TRACEPARENT, set_forwarded, strip_hop_by_hop, tokens};
+use super::headers::{REQUEST_ID, TRACEPARENT, set_forwarded, strip_hop_by_hop, tokens};
 use super::quiet::QuietLimit;
 use super::watched::{Ending, Watched, Watcher};
-use super::{Gateway, Policy};
+use super::{ClientConnection, Gateway, Policy};
 use crate::config::UpstreamProtocol;
 use crate::telemetry::{ACCESS_TARGET, RouteLabel, RouteMeters, RouteStatus, UpstreamError};
 
@@ -123,7 +124,7 @@ impl Completion {
 /// Serves one request from `peer`.
 pub async fn handle(
     gateway: Arc<Gateway>,
-    peer: Arc<Peer>,
+    client: Arc<ClientConnection>,
     request: Request<Incoming>,
 ) -> Response<Body> {
     let started = Instant::now();
@@ -162,7 +163,7 @@ pub async fn handle(
     completion.meters = Some(policy.upstreams[index].meters.clone());
     completion.service = route.service.clone();
     let read_timeout = route.read_timeout;
-    let outcome = forward(&gateway, &policy, index, &peer, request_id, request).await;
+    let outcome = forward(&gateway, &policy, index, &client, request_id, request).await;
     match outcome {
         Ok((response, instance)) => {
             completion.instance = Some(instance);
@@ -208,7 +209,7 @@ async fn forward(
     gateway: &Gateway,
     policy: &Policy,
     index: usize,
-    peer: &Peer,
+    client: &ClientConnection,
     request_id: HeaderValue,
     mut request: Request<Incoming>,
 ) -> Forwarded {
@@ -231,8 +232,8 @@ async fn forward(
     parts.headers.reserve(6);
     set_forwarded(
         &mut parts.headers,
-        peer,
-        policy.trusts(peer.ip),
+        &client.peer,
+        policy.trusts(client.peer.ip),
         original_host.as_ref(),
     );
     parts.headers.insert(REQUEST_ID, request_id.clone());
@@ -331,8 +332,13 @@ async fn forward(
                     gateway.count_error(route, "status_5xx");
                 }
                 let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
-                if let (true, Some(client)) = (switching, client_upgrade) {
-                    tunnel(client, hyper::upgrade::on(&mut response));
+                if let (true, Some(upgraded)) = (switching, client_upgrade) {
+                    // The tunnel keeps the connection's place under the limit.
+                    tunnel(
+                        upgraded,
+                        hyper::upgrade::on(&mut response),
+                        client.slot.take(),
+                    );
                     strip_hop_by_hop(response.headers_mut(), true);
                 } else {
                     strip_hop_by_hop(response.headers_mut(), false);
@@ -386,8 +392,13 @@ fn build_request(
 }
 
 /// Joins the client's and the upstream's upgraded connections.
-fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+fn tunnel(
+    client: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+    slot: Option<OwnedSemaphorePermit>,
+) {
     tokio::spawn(async move {
+        let _slot = slot;
         if let (Ok(client), Ok(upstream)) = tokio::join!(client, upstream) {
             let mut client = TokioIo::new(client);
             let mut upstream = TokioIo::new(upstream);
