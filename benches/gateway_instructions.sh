@@ -18,55 +18,16 @@ seconds=${1:-10}
 require_tools valgrind:valgrind callgrind_control:valgrind nginx:nginx wrk:wrk curl:curl python3:python3
 
 cd "$(dirname "$0")/.."
-cargo build --release --quiet
-muster_bin=$PWD/target/release/muster
-work=$(mktemp -d)
-pids=()
-cleanup() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
+gateway_bench_setup
 
 backend_port=$(free_port)
 api_port=$(free_port)
 gateway_port=$(free_port)
-body=$(printf 'x%.0s' $(seq 1 230))
 
-cat >"$work/backend.conf" <<EOF
-daemon off;
-master_process off;
-worker_processes 1;
-error_log $work/backend.log warn;
-pid $work/backend.pid;
-events { worker_connections 1024; }
-http {
-  client_body_temp_path $work; proxy_temp_path $work;
-  fastcgi_temp_path $work; uwsgi_temp_path $work; scgi_temp_path $work;
-  access_log off;
-  keepalive_requests 1000000;
-  server { listen 127.0.0.1:$backend_port; location / { default_type text/plain; return 200 '$body'; } }
-}
-EOF
-nginx -c "$work/backend.conf" & pids+=($!)
+backend_conf "$backend_port"
+nginx -c "$work/backend/nginx.conf" & pids+=($!)
 
-cat >"$work/muster.toml" <<EOF
-data_dir = "$work/data"
-store = "memory"
-zones_dir = "$PWD/zones"
-[dns]
-listen = ["127.0.0.1:0"]
-[api]
-listen = "127.0.0.1:$api_port"
-[gateway]
-listen = "127.0.0.1:$gateway_port"
-[[gateway.routes]]
-name = "bench"
-service = "backend"
-[log]
-level = "info"
-EOF
+gateway_toml "$work/muster.toml" "127.0.0.1:$api_port" "$gateway_port"
 valgrind --tool=callgrind --callgrind-out-file="$work/callgrind.out" \
   "$muster_bin" serve --config "$work/muster.toml" 2>"$work/muster.log" &
 muster_pid=$!

@@ -29,42 +29,13 @@ require_tools nginx:nginx wrk:wrk taskset:util-linux curl:curl python3:python3
 require_two_cpus "proxy on one, backend and wrk on the other"
 
 cd "$(dirname "$0")/.."
-cargo build --release --quiet
-muster_bin=$PWD/target/release/muster
-work=$(mktemp -d)
-pids=()
-cleanup() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
+gateway_bench_setup
 
 backend_port=$(free_port)
 nginx_port=$(free_port)
 gateway_port=$(free_port)
-body=$(printf 'x%.0s' $(seq 1 230))
 
-nginx_conf() { # name, body of the http block
-  mkdir -p "$work/$1"
-  cat >"$work/$1/nginx.conf" <<EOF
-daemon off;
-master_process off;
-worker_processes 1;
-error_log $work/$1/error.log warn;
-pid $work/$1/nginx.pid;
-events { worker_connections 4096; }
-http {
-  client_body_temp_path $work/$1; proxy_temp_path $work/$1;
-  fastcgi_temp_path $work/$1; uwsgi_temp_path $work/$1; scgi_temp_path $work/$1;
-  $2
-}
-EOF
-}
-
-nginx_conf backend "access_log off;
-  keepalive_requests 1000000;
-  server { listen 127.0.0.1:$backend_port; location / { default_type text/plain; return 200 '$body'; } }"
+backend_conf "$backend_port"
 nginx_conf proxy "access_log $work/proxy/access.log;
   keepalive_requests 1000000;
   upstream backend { server 127.0.0.1:$backend_port; keepalive 64; }
@@ -96,22 +67,7 @@ start_baseline() { start_muster "$BASELINE"; }
 start_muster() { # [binary, default this tree's release build]
   local binary=${1:-$muster_bin}
   mkdir -p "$work/muster"
-  cat >"$work/muster/muster.toml" <<EOF
-data_dir = "$work/muster/data"
-store = "memory"
-zones_dir = "$PWD/zones"
-[dns]
-listen = ["127.0.0.1:0"]
-[api]
-listen = "127.0.0.1:0"
-[gateway]
-listen = "127.0.0.1:$gateway_port"
-[[gateway.routes]]
-name = "bench"
-service = "backend"
-[log]
-level = "info"
-EOF
+  gateway_toml "$work/muster/muster.toml" "127.0.0.1:0" "$gateway_port"
   taskset -c 0 "$binary" serve --config "$work/muster/muster.toml" 2>"$work/muster/log" & proxy_pid=$!
   for _ in $(seq 1 100); do grep -q "muster ready" "$work/muster/log" 2>/dev/null && break; sleep 0.1; done
   api=$(grep -o 'api=[0-9.:]*' "$work/muster/log" | head -1 | cut -d= -f2)

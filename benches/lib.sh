@@ -46,3 +46,72 @@ paired() {
       if (NR % 2) print v[(NR + 1) / 2]; else printf "%.2f", (v[NR / 2] + v[NR / 2 + 1]) / 2 }')" \
     "$(paste -sd' ' <<<"$each")"
 }
+
+# gateway_bench_setup: from the repository root, builds muster in release
+# mode ($muster_bin) and makes a fresh $work directory and $pids list; on
+# exit every process in $pids is killed and $work removed.
+gateway_bench_setup() {
+  cargo build --release --quiet
+  muster_bin=$PWD/target/release/muster
+  work=$(mktemp -d)
+  pids=()
+  trap gateway_bench_cleanup EXIT
+}
+
+gateway_bench_cleanup() {
+  local pid
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+
+# nginx_conf NAME HTTP_BLOCK: $work/NAME/nginx.conf, one nginx worker in
+# the foreground with HTTP_BLOCK inside `http { }`.
+nginx_conf() {
+  mkdir -p "$work/$1"
+  cat >"$work/$1/nginx.conf" <<CONF
+daemon off;
+master_process off;
+worker_processes 1;
+error_log $work/$1/error.log warn;
+pid $work/$1/nginx.pid;
+events { worker_connections 4096; }
+http {
+  client_body_temp_path $work/$1; proxy_temp_path $work/$1;
+  fastcgi_temp_path $work/$1; uwsgi_temp_path $work/$1; scgi_temp_path $work/$1;
+  $2
+}
+CONF
+}
+
+# backend_conf PORT: $work/backend/nginx.conf, the backend the gateway
+# benches proxy to: every request answered with the same 230-byte body.
+backend_conf() {
+  local body
+  body=$(printf 'x%.0s' $(seq 1 230))
+  nginx_conf backend "access_log off;
+  keepalive_requests 1000000;
+  server { listen 127.0.0.1:$1; location / { default_type text/plain; return 200 '$body'; } }"
+}
+
+# gateway_toml FILE API_LISTEN GATEWAY_PORT: a muster config
+# (memory store, access log on) whose one route "bench" sends everything
+# to the service "backend".
+gateway_toml() {
+  cat >"$1" <<CONF
+data_dir = "$(dirname "$1")/data"
+store = "memory"
+zones_dir = "$PWD/zones"
+[dns]
+listen = ["127.0.0.1:0"]
+[api]
+listen = "$2"
+[gateway]
+listen = "127.0.0.1:$3"
+[[gateway.routes]]
+name = "bench"
+service = "backend"
+[log]
+level = "info"
+CONF
+}
