@@ -637,15 +637,25 @@ async fn trusted_proxies_extend_the_forwarding_headers() {
     muster.stop().await;
 }
 
-#[tokio::test]
-async fn websockets_pass_through() {
-    use futures_util::{SinkExt, StreamExt};
-    use tokio_tungstenite::tungstenite::Message;
-    let config = with_gateway(
-        "[[gateway.routes]]\nname = \"ws\"\npath_prefix = \"/ws\"\nservice = \"chat\"\n",
-    );
+type WebSocket = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
+
+/// muster with `[gateway]` keys `gateway_keys` and a route `/ws` to a
+/// WebSocket echo service (its stop token), and a WebSocket opened
+/// through the gateway, with the handshake's response.
+async fn websocket_through_gateway(
+    gateway_keys: &str,
+) -> (
+    Muster,
+    tokio_util::sync::CancellationToken,
+    WebSocket,
+    tokio_tungstenite::tungstenite::handshake::client::Response,
+) {
+    let config = with_gateway(&format!(
+        "[gateway]\n{gateway_keys}\n\
+         [[gateway.routes]]\nname = \"ws\"\npath_prefix = \"/ws\"\nservice = \"chat\"\n"
+    ));
     let muster = start_with(config).await;
-    let (echo, _stop) = websocket_echo().await;
+    let (echo, stop) = websocket_echo().await;
     muster
         .register_ok(
             "chat",
@@ -653,11 +663,19 @@ async fn websockets_pass_through() {
             json!({"address": echo.ip().to_string(), "port": echo.port()}),
         )
         .await;
-    let stream = tokio::net::TcpStream::connect(muster.gateway.unwrap())
+    let gateway = muster.gateway.unwrap();
+    let stream = tokio::net::TcpStream::connect(gateway).await.unwrap();
+    let (socket, response) = tokio_tungstenite::client_async(format!("ws://{gateway}/ws"), stream)
         .await
-        .unwrap();
-    let url = format!("ws://{}/ws", muster.gateway.unwrap());
-    let (mut socket, response) = tokio_tungstenite::client_async(url, stream).await.unwrap();
+        .expect("the WebSocket opens through the gateway");
+    (muster, stop, socket, response)
+}
+
+#[tokio::test]
+async fn websockets_pass_through() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let (muster, _stop, mut socket, response) = websocket_through_gateway("").await;
     assert_eq!(response.status(), 101);
     for text in ["hello", "through the front door"] {
         socket.send(Message::text(text)).await.unwrap();
@@ -670,24 +688,7 @@ async fn websockets_pass_through() {
 #[tokio::test]
 async fn an_open_tunnel_keeps_its_connection_slot() {
     use std::time::Duration;
-    let config = with_gateway(
-        "[gateway]\nmax_connections = 1\n\
-         [[gateway.routes]]\nname = \"ws\"\npath_prefix = \"/ws\"\nservice = \"chat\"\n",
-    );
-    let muster = start_with(config).await;
-    let (echo, _stop) = websocket_echo().await;
-    muster
-        .register_ok(
-            "chat",
-            "c-1",
-            json!({"address": echo.ip().to_string(), "port": echo.port()}),
-        )
-        .await;
-    let gateway = muster.gateway.unwrap();
-    let stream = tokio::net::TcpStream::connect(gateway).await.unwrap();
-    let (tunnel, _) = tokio_tungstenite::client_async(format!("ws://{gateway}/ws"), stream)
-        .await
-        .expect("the tunnel opens");
+    let (muster, _stop, tunnel, _) = websocket_through_gateway("max_connections = 1").await;
     // The tunnel holds the only slot, so the next client waits in the
     // backlog (a deliberate pause proving the negative).
     let url = gateway_url(&muster, "/elsewhere");
