@@ -15,7 +15,7 @@ use hickory_proto::rr::{DNSClass, LowerName, Name, RData, Record, RecordType};
 
 use super::names::{RegistryName, classify};
 use super::zones::{Lookup, StaticZone, ZoneSet};
-use crate::config::ttl_seconds;
+use crate::config::{fqdn, ttl_seconds};
 use crate::registry::{Endpoint, Instance, PortSelector, Registry, Service, Snapshot};
 
 /// The sections of a response, before encoding.
@@ -164,10 +164,7 @@ impl RegistryZone {
         let transfers = dns
             .transfers
             .iter()
-            .filter_map(|(zone, peers)| {
-                let zone = format!("{}.", zone.trim_end_matches('.'));
-                Some((Name::from_ascii(zone).ok()?, peers.clone()))
-            })
+            .filter_map(|(zone, peers)| Some((Name::from_ascii(fqdn(zone)).ok()?, peers.clone())))
             .collect();
         Some(Self {
             origin: Name::from_ascii(config.zone_fqdn()).ok()?,

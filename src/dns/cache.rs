@@ -32,7 +32,7 @@ pub const TOTAL_ENTRIES: usize = 1 << 19;
 /// The least a worker keeps, whatever the share.
 const MIN_ENTRIES: usize = 1 << 14;
 /// Length of the DNS header.
-const HEADER: usize = 12;
+pub(super) const HEADER: usize = 12;
 /// The OPT record of every EDNS response: root owner, type 41, muster's
 /// payload size, extended rcode 0, version 0, no flags, no options.
 const OPT_RECORD: [u8; 11] = {
@@ -496,14 +496,14 @@ impl Entry {
     /// (the general path answers instead).
     fn prepare(authority: &Authority, question: &[u8]) -> Option<Self> {
         // Already lowercased, so owner names compress to it.
-        let lowered = Query::read(&mut BinDecoder::new(question)).ok()?;
-        let prepared = authority.prepare(&LowerQuery::query(lowered.clone()));
+        let lowered = LowerQuery::query(Query::read(&mut BinDecoder::new(question)).ok()?);
+        let prepared = authority.prepare(&lowered);
         let answer = prepared.answer;
         if answer.rcode.high() != 0 {
             return None;
         }
         Some(Self {
-            records: encode_records(&lowered, &question[..question.len() - 4], &answer)?,
+            records: encode_records(lowered.original(), &question[..question.len() - 4], &answer)?,
             rcode: answer.rcode,
             authoritative: answer.authoritative,
             checked: prepared.version,

@@ -11,8 +11,7 @@
 
 use hickory_proto::rr::{Name, RData, Record};
 
-/// Where the question's name starts in a message: after the header.
-const QUESTION_AT: u16 = 12;
+use super::cache::HEADER;
 
 /// Whether `record` is one [`emit`] writes.
 pub fn is_movable(record: &Record) -> bool {
@@ -56,7 +55,9 @@ fn emit_owner(owner: &Name, question: &[u8], out: &mut Vec<u8>) -> Option<()> {
     while at < out.len() {
         if let Some(offset) = tail_offset(question_labels, &out[at..]) {
             out.truncate(at);
-            out.extend_from_slice(&(0xC000 | (QUESTION_AT + offset)).to_be_bytes());
+            // The question's name starts right after the header.
+            let pointer = 0xC000 | (HEADER as u16 + offset);
+            out.extend_from_slice(&pointer.to_be_bytes());
             return Some(());
         }
         at += 1 + usize::from(out[at]);

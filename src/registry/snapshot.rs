@@ -272,11 +272,9 @@ impl Snapshot {
     /// Moves to the next version: `service` changed.
     fn advance(&mut self, service: &str) {
         self.version += 1;
-        let kept = self.journal.len().min(JOURNAL_VERSIONS - 1);
-        let mut journal = Vec::with_capacity(kept + 1);
-        journal.extend_from_slice(&self.journal[self.journal.len() - kept..]);
-        journal.push(journal_key(service));
-        self.journal = journal.into();
+        let kept = &self.journal[self.journal.len().saturating_sub(JOURNAL_VERSIONS - 1)..];
+        // Collected straight into the shared slice: one allocation, one copy.
+        self.journal = kept.iter().copied().chain([journal_key(service)]).collect();
     }
 
     pub fn service(&self, name: &str) -> Option<&Arc<Service>> {
