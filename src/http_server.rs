@@ -19,7 +19,7 @@ use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
@@ -34,6 +34,25 @@ pub struct Limits {
 }
 
 type BoxError = Box<dyn StdError + Send + Sync>;
+
+/// What an h2c client sends first.
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Waits until the first bytes on `stream` tell HTTP/1 from h2c (they
+/// stop matching the HTTP/2 preface, or hold all of it), without reading
+/// them; `false` when the peer closed first.
+async fn version_shown(stream: &TcpStream) -> bool {
+    let mut first = [0u8; H2_PREFACE.len()];
+    loop {
+        match stream.peek(&mut first).await {
+            Ok(0) | Err(_) => return false,
+            Ok(n) if n == first.len() || first[..n] != H2_PREFACE[..n] => return true,
+            // Part of the preface: `peek` would return at once with the
+            // same bytes, so look again a little later.
+            Ok(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+        }
+    }
+}
 
 /// A connection's place under `max_connections`. It is given back when the
 /// connection closes, unless its service took it first to outlive the
@@ -99,11 +118,11 @@ where
         let first_bytes = limits.header_read_timeout;
         tokio::spawn(async move {
             // The h2c check reads the first bytes with no timer of its own:
-            // a client that sends nothing would hold its slot for good.
-            let mut first = [0u8; 1];
+            // a client that sends nothing, or part of the HTTP/2 preface,
+            // would hold its slot for good.
             let arrived = tokio::select! {
-                peeked = tokio::time::timeout(first_bytes, stream.peek(&mut first)) => {
-                    matches!(peeked, Ok(Ok(1..)))
+                shown = tokio::time::timeout(first_bytes, version_shown(&stream)) => {
+                    shown.unwrap_or(false)
                 }
                 () = shutdown.cancelled() => false,
             };
@@ -221,9 +240,25 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn shutdown_stops_accepting_and_lets_open_connections_finish() {
+    async fn a_client_that_stalls_inside_the_h2_preface_is_disconnected() {
+        let addr = hello(LIMITS, CancellationToken::new()).await;
+        let mut stalled = TcpStream::connect(addr).await.unwrap();
+        stalled.write_all(&H2_PREFACE[..8]).await.unwrap();
+        assert!(
+            closed(&mut stalled).await,
+            "let go after the header timeout"
+        );
+    }
+
+    #[tokio::test]
+    async fn shutdown_stops_accepting_and_closes_idle_connections() {
         let shutdown = CancellationToken::new();
-        let addr = hello(LIMITS, shutdown.clone()).await;
+        // Idle connections outlive this test unless shutdown closes them.
+        let limits = Limits {
+            header_read_timeout: Duration::from_secs(60),
+            ..LIMITS
+        };
+        let addr = hello(limits, shutdown.clone()).await;
         let mut open = TcpStream::connect(addr).await.unwrap();
         assert!(exchange(&mut open).await.starts_with("HTTP/1.1 200"));
         shutdown.cancel();
