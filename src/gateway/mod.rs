@@ -214,11 +214,12 @@ impl Gateway {
             .await
     }
 
-    fn count_error(&self, route: &Route, kind: &'static str) {
+    /// One failed upstream attempt of the route named `route`.
+    fn count_error(&self, route: &Arc<str>, kind: &'static str) {
         self.metrics
             .gateway_upstream_errors
             .get_or_create(&UpstreamError {
-                route: route.name.clone(),
+                route: route.clone(),
                 kind,
             })
             .inc();

@@ -22,7 +22,7 @@ use super::quiet::QuietLimit;
 use super::watched::{Ending, Watched, Watcher};
 use super::{ClientConnection, Gateway, Policy};
 use crate::config::UpstreamProtocol;
-use crate::telemetry::{ACCESS_TARGET, RouteLabel, RouteMeters, RouteStatus, UpstreamError};
+use crate::telemetry::{ACCESS_TARGET, RouteLabel, RouteMeters, RouteStatus};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Every body the gateway sends or receives, boxed.
@@ -70,15 +70,7 @@ impl Watcher for Completion {
 
     fn ended(self, how: Ending) {
         if how == Ending::Failed {
-            let failed = UpstreamError {
-                route: self.route.clone(),
-                kind: "body",
-            };
-            self.gateway
-                .metrics
-                .gateway_upstream_errors
-                .get_or_create(&failed)
-                .inc();
+            self.gateway.count_error(&self.route, "body");
         }
         self.finish();
     }
@@ -130,13 +122,6 @@ pub async fn handle(
     let started = Instant::now();
     let request_id = gateway.ids.request_id(request.headers());
     let policy = gateway.policy.load_full();
-    let host = request_host(&request);
-    let found = policy.table.find(
-        host,
-        request.uri().path(),
-        request.method(),
-        request.headers(),
-    );
     let mut completion = Completion {
         gateway: gateway.clone(),
         route: "-".into(),
@@ -155,6 +140,12 @@ pub async fn handle(
         let failure = Failure::new(StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not proxied");
         return error_response(failure, completion);
     }
+    let found = policy.table.find(
+        request_host(&request),
+        request.uri().path(),
+        request.method(),
+        request.headers(),
+    );
     let Some((index, route)) = found else {
         let failure = Failure::new(StatusCode::NOT_FOUND, "no route matches this request");
         return error_response(failure, completion);
@@ -304,7 +295,7 @@ async fn forward(
         match sent {
             Err(_) => {
                 gateway.outliers.record(stats, false, now);
-                gateway.count_error(route, "timeout");
+                gateway.count_error(&route.name, "timeout");
                 let failure = Failure::new(
                     StatusCode::GATEWAY_TIMEOUT,
                     "the upstream did not answer in time",
@@ -314,7 +305,7 @@ async fn forward(
             Ok(Err(error)) => {
                 gateway.outliers.record(stats, false, now);
                 let connect = error.is_connect();
-                gateway.count_error(route, if connect { "connect" } else { "reset" });
+                gateway.count_error(&route.name, if connect { "connect" } else { "reset" });
                 debug!(route = %route.name, instance = %backend.key, error = %error, "upstream attempt failed");
                 let failure = Failure::new(
                     StatusCode::BAD_GATEWAY,
@@ -329,7 +320,7 @@ async fn forward(
                 let success = !response.status().is_server_error();
                 gateway.outliers.record(stats, success, now);
                 if !success {
-                    gateway.count_error(route, "status_5xx");
+                    gateway.count_error(&route.name, "status_5xx");
                 }
                 let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
                 if let (true, Some(upgraded)) = (switching, client_upgrade) {

@@ -43,18 +43,16 @@ impl<B> QuietLimit<B> {
 
     /// Polls the timer, starting it or moving it on as the body went.
     fn poll_quiet(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        let deadline = Instant::now() + self.limit;
         let progressed = std::mem::take(&mut self.progressed);
+        let limit = self.limit;
         let timer = match &mut self.timer {
             Some(timer) => {
                 if progressed {
-                    timer.as_mut().reset(deadline);
+                    timer.as_mut().reset(Instant::now() + limit);
                 }
                 timer
             }
-            None => self
-                .timer
-                .insert(Box::pin(tokio::time::sleep_until(deadline))),
+            None => self.timer.insert(Box::pin(tokio::time::sleep(limit))),
         };
         timer.as_mut().poll(cx)
     }
