@@ -32,36 +32,37 @@ pub fn tokens(headers: &HeaderMap, name: HeaderName) -> impl Iterator<Item = &st
 /// standard ones. `te: trailers` survives (it asks for trailers end to
 /// end); with `upgrade`, `Connection: upgrade` and `Upgrade` survive too.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
-    if !upgrade {
-        let mut present = headers.keys().filter(|name| is_hop_by_hop(name));
-        match (present.next(), present.next()) {
-            (None, _) => return,
-            // An upstream's `Connection: keep-alive` (or `close`): the
-            // field goes and names nothing else to remove.
-            (Some(only), None) if only == header::CONNECTION && names_no_field(headers) => {
-                headers.remove(header::CONNECTION);
-                return;
-            }
-            _ => {}
-        }
-    }
-    let trailers = tokens(headers, header::TE).any(|t| t.eq_ignore_ascii_case("trailers"));
-    // Fields `Connection` names besides the standard ones (`close` names none).
-    let listed: Vec<HeaderName> = tokens(headers, header::CONNECTION)
-        .filter(|t| !t.eq_ignore_ascii_case("close") && !is_hop_by_hop_name(t))
-        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
-        .collect();
-    let kept_for_upgrade =
-        |name: &HeaderName| upgrade && (name == header::CONNECTION || name == header::UPGRADE);
-    // At most the seven standard names; no allocation.
-    let mut standard: [Option<HeaderName>; 7] = Default::default();
-    let present = headers
-        .keys()
-        .filter(|name| is_hop_by_hop(name) && !kept_for_upgrade(name));
-    for (slot, name) in standard.iter_mut().zip(present) {
+    // The standard names present, found in one pass: at most seven, so no
+    // allocation, and nothing more to do for most messages.
+    let mut present: [Option<HeaderName>; HOP_BY_HOP.len()] = Default::default();
+    for (slot, name) in present
+        .iter_mut()
+        .zip(headers.keys().filter(|n| is_hop_by_hop(n)))
+    {
         *slot = Some(name.clone());
     }
-    for name in listed.into_iter().chain(standard.into_iter().flatten()) {
+    if present[0].is_none() && !upgrade {
+        return;
+    }
+    let has = |name: &HeaderName| present.iter().flatten().any(|p| p == name);
+    let trailers =
+        has(&header::TE) && tokens(headers, header::TE).any(|t| t.eq_ignore_ascii_case("trailers"));
+    // Fields `Connection` names besides the standard ones (`close` names
+    // none); collecting none allocates nothing.
+    let listed: Vec<HeaderName> = match has(&header::CONNECTION) {
+        true => tokens(headers, header::CONNECTION)
+            .filter(|t| !t.eq_ignore_ascii_case("close") && !is_hop_by_hop_name(t))
+            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+            .collect(),
+        false => Vec::new(),
+    };
+    let kept_for_upgrade =
+        |name: &HeaderName| upgrade && (name == header::CONNECTION || name == header::UPGRADE);
+    let standard = present
+        .into_iter()
+        .flatten()
+        .filter(|n| !kept_for_upgrade(n));
+    for name in listed.into_iter().chain(standard) {
         headers.remove(name);
     }
     if upgrade {
@@ -70,12 +71,6 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     if trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
-}
-
-/// Whether `Connection` names no field beyond the standard hop-by-hop ones.
-fn names_no_field(headers: &HeaderMap) -> bool {
-    tokens(headers, header::CONNECTION)
-        .all(|t| t.eq_ignore_ascii_case("close") || is_hop_by_hop_name(t))
 }
 
 /// A field that never crosses a proxy (or names those that must not).
