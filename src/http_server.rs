@@ -1,7 +1,8 @@
 //! The HTTP accept loop the API and the gateway share: at most
 //! `max_connections` connections open at once (more wait in the kernel's
 //! backlog), a connection's first bytes and every request head due within
-//! `header_read_timeout` (which also ends idle keep-alive connections),
+//! `header_read_timeout` (which also ends idle HTTP/1 keep-alive connections;
+//! idle h2c connections are not timed out),
 //! HTTP/1.1 and h2c with upgrades,
 //! and on shutdown no new connections and a drain of those open, bounded by
 //! `drain`. It owns no routing: each connection gets the service that
