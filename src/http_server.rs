@@ -93,6 +93,7 @@ where
     builder
         .http1()
         .timer(TokioTimer::new())
+        .writev(false)
         .header_read_timeout(limits.header_read_timeout);
     builder.http2().timer(TokioTimer::new());
     let graceful = GracefulShutdown::new();
