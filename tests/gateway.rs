@@ -223,6 +223,158 @@ async fn a_kept_alive_connection_the_upstream_closed_is_not_reused() {
     );
 }
 
+/// A request's body, status and headers through the gateway.
+async fn fetch(
+    muster: &Muster,
+    method: reqwest::Method,
+    path: &str,
+) -> (u16, String, reqwest::header::HeaderMap) {
+    let response = muster
+        .http
+        .request(method, gateway_url(muster, path))
+        .send()
+        .await
+        .unwrap();
+    let (status, headers) = (response.status().as_u16(), response.headers().clone());
+    (status, response.text().await.unwrap(), headers)
+}
+
+#[tokio::test]
+async fn chunked_interim_head_and_close_delimited_responses_pass_through() {
+    use tokio::io::AsyncWriteExt;
+    let toml = orders_with("timeout = \"500ms\"", "timeout = \"2s\"\nretries = 0");
+    let muster = start_with(with_gateway(&toml)).await;
+    let (addr, counts) = raw_upstream(|mut stream| async move {
+        while let Some(head) = read_head(&mut stream).await {
+            let reply: &[u8] = if head.starts_with("HEAD ") {
+                b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n"
+            } else if head.contains("/chunked") {
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n\
+                  4;ext=1\r\nchun\r\n3\r\nked\r\n0\r\nx-trailer: 1\r\n\r\n"
+            } else if head.contains("/interim") {
+                b"HTTP/1.1 103 Early Hints\r\nlink: </s.css>\r\n\r\n\
+                  HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nfinal"
+            } else if head.contains("/until-close") {
+                let _ = stream.write_all(b"HTTP/1.1 200 OK\r\n\r\nto the end").await;
+                return;
+            } else {
+                OK_REPLY
+            };
+            let _ = stream.write_all(reply).await;
+        }
+    })
+    .await;
+    muster
+        .register_ok("orders", "o-1", register_raw(addr))
+        .await;
+    let (status, body, _) = fetch(&muster, reqwest::Method::GET, "/api/orders/chunked").await;
+    assert_eq!((status, body.as_str()), (200, "chunked"));
+    let (status, body, _) = fetch(&muster, reqwest::Method::GET, "/api/orders/interim").await;
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "final"),
+        "the 103 is not the answer"
+    );
+    let (status, body, headers) = fetch(&muster, reqwest::Method::HEAD, "/api/orders/1").await;
+    assert_eq!((status, body.as_str()), (200, ""));
+    assert_eq!(
+        headers["content-length"], "5",
+        "HEAD keeps the length of what GET would send"
+    );
+    assert_eq!(
+        counts.accepted.load(Ordering::SeqCst),
+        1,
+        "each of those left the connection reusable"
+    );
+    let (status, body, _) = fetch(&muster, reqwest::Method::GET, "/api/orders/until-close").await;
+    assert_eq!((status, body.as_str()), (200, "to the end"));
+    let (status, body, _) = fetch(&muster, reqwest::Method::GET, "/api/orders/1").await;
+    assert_eq!((status, body.as_str()), (200, "ok"));
+    assert_eq!(
+        counts.accepted.load(Ordering::SeqCst),
+        2,
+        "a body delimited by the close ends its connection"
+    );
+}
+
+#[tokio::test]
+async fn a_malformed_upstream_response_is_a_502_and_the_gateway_serves_on() {
+    use tokio::io::AsyncWriteExt;
+    let toml = orders_with("eject_after_errors = 2", "eject_after_errors = 100");
+    let muster = start_with(with_gateway(&toml)).await;
+    let (addr, _) = raw_upstream(|mut stream| async move {
+        while let Some(head) = read_head(&mut stream).await {
+            let reply: &[u8] = if head.contains("/lengths") {
+                b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\nxy"
+            } else if head.contains("/garbage") {
+                b"SMTP ready\r\n\r\n"
+            } else if head.contains("/chunks") {
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n"
+            } else {
+                OK_REPLY
+            };
+            let _ = stream.write_all(reply).await;
+        }
+    })
+    .await;
+    muster
+        .register_ok("orders", "o-1", register_raw(addr))
+        .await;
+    for path in ["/api/orders/lengths", "/api/orders/garbage"] {
+        let (status, body, _) = get(&muster, path).await;
+        assert_eq!(status, 502, "{path}: {body}");
+    }
+    // The body fails before its first byte: hyper cuts the client's
+    // connection, with or without the head sent.
+    let sent = muster
+        .http
+        .get(gateway_url(&muster, "/api/orders/chunks"))
+        .send()
+        .await;
+    let whole = match sent {
+        Ok(response) => response.bytes().await.map(drop),
+        Err(error) => Err(error),
+    };
+    assert!(
+        whole.is_err(),
+        "a bad chunked body does not arrive as a whole one"
+    );
+    let (status, body, _) = fetch(&muster, reqwest::Method::GET, "/api/orders/1").await;
+    assert_eq!((status, body.as_str()), (200, "ok"));
+}
+
+#[tokio::test]
+async fn a_get_the_upstream_dropped_unanswered_goes_again_and_a_post_does_not() {
+    use tokio::io::AsyncWriteExt;
+    // No route retries: only the pool can send the request again.
+    let toml = orders_with("timeout = \"500ms\"", "timeout = \"2s\"\nretries = 0");
+    let muster = start_with(with_gateway(&toml)).await;
+    // Answers the first request on a connection; closes on the second
+    // without a word, as an upstream whose keep-alive timer just ran out.
+    let (addr, counts) = raw_upstream(|mut stream| async move {
+        if read_head(&mut stream).await.is_some() {
+            let _ = stream.write_all(OK_REPLY).await;
+            let _ = read_head(&mut stream).await;
+        }
+    })
+    .await;
+    muster
+        .register_ok("orders", "o-1", register_raw(addr))
+        .await;
+    for round in 1..=2 {
+        let (status, body, _) = fetch(&muster, reqwest::Method::GET, "/api/orders/1").await;
+        assert_eq!((status, body.as_str()), (200, "ok"), "GET {round}");
+    }
+    assert_eq!(
+        counts.accepted.load(Ordering::SeqCst),
+        2,
+        "the second GET went again on a new connection"
+    );
+    let (status, _, _) = fetch(&muster, reqwest::Method::POST, "/api/orders/1").await;
+    assert_eq!(status, 502, "a POST may have been acted on: not sent again");
+    assert_eq!(counts.accepted.load(Ordering::SeqCst), 2);
+}
+
 #[tokio::test]
 async fn a_connection_still_uploading_is_not_handed_to_the_next_request() {
     let muster = start_with(with_gateway(ORDERS)).await;

@@ -12,6 +12,7 @@
 
 mod balance;
 mod discovery;
+mod exchange;
 mod headers;
 mod pool;
 mod proxy;

@@ -5,6 +5,10 @@
 //! the connection is upgraded. Idle connections close after the route's
 //! idle timeout. HTTP/2 upstreams keep hyper-util's client.
 //!
+//! A request without a body goes through muster's own exchange
+//! (`exchange.rs`) on a bare connection; one with a body or an upgrade
+//! through hyper's client connection. Each kind waits in its own idle set.
+//!
 //! hyper-util's pooled client did the same for HTTP/1 but hashed its pool
 //! key several times per request and spawned a task per request to wait
 //! for the connection to become idle.
@@ -18,13 +22,15 @@ use std::time::Duration;
 use http_body_util::BodyExt;
 use hyper::body::{Body as HttpBody, Incoming};
 use hyper::client::conn::http1::{self, SendRequest};
+use hyper::header;
 use hyper::http::uri::Authority;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use super::proxy::{Body, BoxError};
+use super::exchange::{Connection, ExchangeError, exchange};
+use super::proxy::{Body, BoxError, is_idempotent};
 use super::watched::{Ending, Watched, Watcher};
 
 /// Why an upstream request got no response.
@@ -42,6 +48,8 @@ pub enum SendError {
     },
     #[error("upstream connection: {0}")]
     Http(#[from] hyper::Error),
+    #[error("upstream exchange: {0}")]
+    Exchange(#[from] ExchangeError),
     /// From hyper-util's client (HTTP/2 upstreams).
     #[error("upstream connection: {0}")]
     Client(#[from] hyper_util::client::legacy::Error),
@@ -52,7 +60,7 @@ impl SendError {
     pub fn is_connect(&self) -> bool {
         match self {
             Self::Connect { .. } | Self::ConnectTimeout { .. } => true,
-            Self::Http(_) => false,
+            Self::Http(_) | Self::Exchange(_) => false,
             Self::Client(error) => error.is_connect(),
         }
     }
@@ -64,24 +72,106 @@ pub struct Http1Pool {
 }
 
 struct Shared {
-    /// By `host:port`: hashing an `Authority` goes byte by byte.
-    idle: Mutex<HashMap<Box<str>, Vec<Idle>, foldhash::fast::RandomState>>,
+    /// hyper's client connections, for requests with a body or an upgrade.
+    hyper: IdleSet<SendRequest<Body>>,
+    /// Bare connections, for muster's own exchange.
+    bare: IdleSet<Connection>,
     connect_timeout: Duration,
     idle_timeout: Duration,
     /// Whether a task is closing expired idle connections.
     sweeping: AtomicBool,
 }
 
-struct Idle {
-    sender: SendRequest<Body>,
+/// A connection that can wait in a pool.
+trait Pooled {
+    /// Whether it can still carry a request.
+    fn is_usable(&self) -> bool;
+}
+
+impl Pooled for SendRequest<Body> {
+    fn is_usable(&self) -> bool {
+        !self.is_closed()
+    }
+}
+
+impl Pooled for Connection {
+    fn is_usable(&self) -> bool {
+        self.is_idle()
+    }
+}
+
+/// Idle connections of one kind, by `host:port` (hashing an `Authority`
+/// goes byte by byte).
+struct IdleSet<C> {
+    by_authority: Mutex<HashMap<Box<str>, Vec<Idle<C>>, foldhash::fast::RandomState>>,
+}
+
+struct Idle<C> {
+    connection: C,
     since: Instant,
+}
+
+impl<C: Pooled> IdleSet<C> {
+    fn new() -> Self {
+        Self {
+            by_authority: Mutex::default(),
+        }
+    }
+
+    /// The newest usable connection to `authority` idle for less than
+    /// `idle_timeout`; older and broken ones on the way are dropped.
+    fn take(&self, authority: &Authority, idle_timeout: Duration) -> Option<C> {
+        let mut idle = self
+            .by_authority
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let waiting = idle.get_mut(authority.as_str())?;
+        while let Some(idle) = waiting.pop() {
+            if idle.connection.is_usable() && idle.since.elapsed() < idle_timeout {
+                return Some(idle.connection);
+            }
+        }
+        None
+    }
+
+    /// Keeps `connection` if it is usable; whether it did.
+    fn put(&self, authority: &Authority, connection: C) -> bool {
+        if !connection.is_usable() {
+            return false;
+        }
+        let since = Instant::now();
+        let mut idle = self
+            .by_authority
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let idle_at = match idle.get_mut(authority.as_str()) {
+            Some(waiting) => waiting,
+            None => idle.entry(authority.as_str().into()).or_default(),
+        };
+        idle_at.push(Idle { connection, since });
+        true
+    }
+
+    /// Drops expired and broken connections; whether any are left.
+    fn expire(&self, idle_timeout: Duration) -> bool {
+        let mut idle = self
+            .by_authority
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        idle.retain(|_, waiting| {
+            waiting.retain(|c| c.connection.is_usable() && c.since.elapsed() < idle_timeout);
+            !waiting.is_empty()
+        });
+        !idle.is_empty()
+    }
 }
 
 impl Http1Pool {
     pub fn new(connect_timeout: Duration, idle_timeout: Duration) -> Self {
         Self {
             shared: Arc::new(Shared {
-                idle: Mutex::default(),
+                hyper: IdleSet::new(),
+                bare: IdleSet::new(),
                 connect_timeout,
                 idle_timeout,
                 sweeping: AtomicBool::new(false),
@@ -97,11 +187,15 @@ impl Http1Pool {
         authority: &Authority,
         request: Request<Body>,
     ) -> Result<Response<Body>, SendError> {
+        if request.body().is_end_stream() && !request.headers().contains_key(header::UPGRADE) {
+            return self.send_bare(authority, request).await;
+        }
         let (mut request, upload) = track_upload(request);
         loop {
-            let (mut sender, reused) = match self.shared.take_idle(authority) {
+            let idle = self.shared.hyper.take(authority, self.shared.idle_timeout);
+            let (mut sender, reused) = match idle {
                 Some(sender) => (sender, true),
-                None => (self.connect(authority).await?, false),
+                None => (self.handshake(authority).await?, false),
             };
             // A reused connection may still be settling after its last
             // response, or be closing.
@@ -118,7 +212,48 @@ impl Http1Pool {
         }
     }
 
-    async fn connect(&self, authority: &Authority) -> Result<SendRequest<Body>, SendError> {
+    /// [`Self::send`] for a request without a body, through muster's own
+    /// exchange. A reused connection that gives no answer at all had been
+    /// closed by the upstream: an idempotent request goes again on
+    /// another.
+    async fn send_bare(
+        &self,
+        authority: &Authority,
+        request: Request<Body>,
+    ) -> Result<Response<Body>, SendError> {
+        let (request, _) = request.into_parts();
+        let repeatable = is_idempotent(&request.method);
+        loop {
+            let idle = self.shared.bare.take(authority, self.shared.idle_timeout);
+            let (connection, reused) = match idle {
+                Some(connection) => (connection, true),
+                None => (Connection::new(self.connect(authority).await?), false),
+            };
+            let (pool, home) = (Arc::downgrade(&self.shared), authority.clone());
+            let release = move |connection| {
+                if let Some(pool) = pool.upgrade() {
+                    pool.put(&pool.bare, &home, connection);
+                }
+            };
+            match exchange(connection, &request, release).await {
+                Ok(response) => return Ok(response.map(BodyExt::boxed)),
+                Err(error) if reused && repeatable && error.is_stale() => continue,
+                Err(error) => return Err(error.into()),
+            }
+        }
+    }
+
+    async fn handshake(&self, authority: &Authority) -> Result<SendRequest<Body>, SendError> {
+        let stream = self.connect(authority).await?;
+        let (sender, connection) = http1::Builder::new()
+            .writev(false)
+            .handshake(TokioIo::new(stream))
+            .await?;
+        tokio::spawn(connection.with_upgrades());
+        Ok(sender)
+    }
+
+    async fn connect(&self, authority: &Authority) -> Result<TcpStream, SendError> {
         let timeout = self.shared.connect_timeout;
         let connecting = TcpStream::connect(authority.as_str());
         let stream = match tokio::time::timeout(timeout, connecting).await {
@@ -133,9 +268,7 @@ impl Http1Pool {
             }
         };
         let _ = stream.set_nodelay(true);
-        let (sender, connection) = http1::handshake(TokioIo::new(stream)).await?;
-        tokio::spawn(connection.with_upgrades());
-        Ok(sender)
+        Ok(stream)
     }
 
     /// The response, with a body that returns the connection when read.
@@ -166,29 +299,12 @@ impl Http1Pool {
 }
 
 impl Shared {
-    fn take_idle(&self, authority: &Authority) -> Option<SendRequest<Body>> {
-        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        let waiting = idle.get_mut(authority.as_str())?;
-        while let Some(connection) = waiting.pop() {
-            if !connection.sender.is_closed() && connection.since.elapsed() < self.idle_timeout {
-                return Some(connection.sender);
-            }
-        }
-        None
-    }
-
-    fn put(self: &Arc<Self>, authority: Authority, sender: SendRequest<Body>) {
-        if sender.is_closed() {
+    /// Keeps `connection` in `set`, and makes sure a sweep will close it
+    /// once it has been idle too long.
+    fn put<C: Pooled>(self: &Arc<Self>, set: &IdleSet<C>, authority: &Authority, connection: C) {
+        if !set.put(authority, connection) {
             return;
         }
-        let since = Instant::now();
-        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        let idle_at = match idle.get_mut(authority.as_str()) {
-            Some(waiting) => waiting,
-            None => idle.entry(authority.as_str().into()).or_default(),
-        };
-        idle_at.push(Idle { sender, since });
-        drop(idle);
         // Reached from a body's Drop: never assume a runtime.
         if let Ok(runtime) = tokio::runtime::Handle::try_current()
             && !self.sweeping.swap(true, Ordering::AcqRel)
@@ -199,12 +315,9 @@ impl Shared {
 
     /// Drops expired and closed connections; whether any are left.
     fn expire(&self) -> bool {
-        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        idle.retain(|_, waiting| {
-            waiting.retain(|c| !c.sender.is_closed() && c.since.elapsed() < self.idle_timeout);
-            !waiting.is_empty()
-        });
-        !idle.is_empty()
+        let hyper = self.hyper.expire(self.idle_timeout);
+        let bare = self.bare.expire(self.idle_timeout);
+        hyper || bare
     }
 }
 
@@ -279,7 +392,7 @@ impl Watcher for Lease {
             && !uploading
             && let Some(pool) = self.pool.upgrade()
         {
-            pool.put(self.authority, self.sender);
+            pool.put(&pool.hyper, &self.authority, self.sender);
         }
     }
 }

@@ -1,0 +1,938 @@
+//! muster's own HTTP/1.1 exchange with an upstream, for requests without
+//! a body (most proxied requests): the request head goes out in one
+//! write, the response head is read and framed on the request's own task,
+//! and the response body is read from the connection as the client takes
+//! it. The connection goes back to its pool when the body has been read to
+//! its end.
+//!
+//! hyper's client connection does the same work through a task of its own
+//! per connection, with channels to the request and to the response body.
+//! Requests with a body or an upgrade still go that way (`pool.rs`): it
+//! reads the response while the body is still going out.
+//!
+//! The response's length follows RFC 9112 §6.3: none for HEAD, 1xx, 204
+//! and 304; chunked when the last transfer coding is chunked; else
+//! Content-Length (several values must agree); else until the upstream
+//! closes. Interim 1xx responses are skipped. Trailers are read and
+//! dropped. A connection is kept only for an HTTP/1.1 response without
+//! `Connection: close` whose length it knew, read to the end with nothing
+//! after it.
+
+use std::future::poll_fn;
+use std::io;
+use std::mem::MaybeUninit;
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker, ready};
+
+use bytes::{Buf, Bytes, BytesMut};
+use hyper::body::{Body as HttpBody, Frame, SizeHint};
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::http::{request, response};
+use hyper::{Method, Response, StatusCode, Version};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use super::headers::tokens;
+use super::proxy::BoxError;
+
+/// Most fields in a response head (hyper's limit too).
+const MAX_FIELDS: usize = 100;
+/// Longest response head; also the longest chunk-size line or trailer
+/// section.
+const MAX_HEAD: usize = 64 * 1024;
+/// Room made in the input buffer before a read, at first; a read that
+/// fills it doubles it, up to [`MAX_READ_ROOM`], so a large body goes in
+/// few reads.
+const READ_ROOM: usize = 8 * 1024;
+const MAX_READ_ROOM: usize = 256 * 1024;
+/// Most trailer fields read (and dropped) after a chunked body.
+const MAX_TRAILERS: usize = 32;
+
+/// Why an exchange failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ExchangeError {
+    #[error("the upstream closed the connection before responding")]
+    Closed,
+    #[error("the connection failed before any response: {0}")]
+    Lost(io::Error),
+    #[error("reading the response: {0}")]
+    Read(io::Error),
+    #[error("the upstream closed the connection in the middle of the response")]
+    Truncated,
+    #[error("malformed response head: {0}")]
+    Malformed(httparse::Error),
+    #[error("response head over {MAX_HEAD} bytes")]
+    HeadTooLarge,
+    #[error("invalid response: {0}")]
+    Invalid(&'static str),
+}
+
+impl ExchangeError {
+    /// Nothing came back: on a reused connection, the upstream had closed
+    /// it, and an idempotent request may go again on another.
+    pub fn is_stale(&self) -> bool {
+        matches!(self, Self::Closed | Self::Lost(_))
+    }
+}
+
+/// An upstream connection, with what has been read from it and not used
+/// yet and the buffer its request heads are written in.
+pub struct Connection {
+    stream: TcpStream,
+    input: BytesMut,
+    /// Room to make before the next read.
+    read_room: usize,
+    output: Vec<u8>,
+}
+
+impl Connection {
+    pub fn new(stream: TcpStream) -> Self {
+        Self {
+            stream,
+            input: BytesMut::new(),
+            read_room: READ_ROOM,
+            output: Vec::new(),
+        }
+    }
+
+    /// Whether it may carry another request: nothing is left over and
+    /// nothing has arrived since (a close, a reset or stray bytes would
+    /// have made it readable). Asks the reactor, not the socket.
+    pub fn is_idle(&self) -> bool {
+        let mut cx = Context::from_waker(Waker::noop());
+        self.input.is_empty() && self.stream.poll_read_ready(&mut cx).is_pending()
+    }
+
+    /// Reads what has arrived; 0 at the end of the stream.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if self.input.capacity() - self.input.len() < self.read_room / 2 {
+            self.input.reserve(self.read_room);
+        }
+        let room = self.input.capacity() - self.input.len();
+        let read = ready!(tokio_util::io::poll_read_buf(
+            Pin::new(&mut self.stream),
+            cx,
+            &mut self.input
+        ))?;
+        if read == room {
+            self.read_room = (self.read_room * 2).min(MAX_READ_ROOM);
+        }
+        Poll::Ready(Ok(read))
+    }
+
+    async fn fill(&mut self) -> io::Result<usize> {
+        poll_fn(|cx| self.poll_fill(cx)).await
+    }
+
+    async fn send_head(&mut self, request: &request::Parts) -> Result<(), ExchangeError> {
+        self.output.clear();
+        encode_head(&mut self.output, request);
+        self.stream
+            .write_all(&self.output)
+            .await
+            .map_err(ExchangeError::Lost)
+    }
+
+    /// Reads up to the final response head, skipping interim ones.
+    async fn read_head(&mut self, method: &Method) -> Result<Head, ExchangeError> {
+        let mut answered = false;
+        loop {
+            if let Some(head) = parse_head(&mut self.input, method)? {
+                if !head.parts.status.is_informational() {
+                    return Ok(head);
+                }
+                if head.parts.status == StatusCode::SWITCHING_PROTOCOLS {
+                    return Err(ExchangeError::Invalid("101 to a request without upgrade"));
+                }
+                answered = true;
+                continue;
+            }
+            let received = answered || !self.input.is_empty();
+            match self.fill().await {
+                Ok(0) if received => return Err(ExchangeError::Truncated),
+                Ok(0) => return Err(ExchangeError::Closed),
+                Ok(_) => {}
+                Err(error) if received => return Err(ExchangeError::Read(error)),
+                Err(error) => return Err(ExchangeError::Lost(error)),
+            }
+        }
+    }
+}
+
+/// Sends `request`, which has no body, on `connection` and reads the
+/// response head. The body reads on from the connection; `release` gets
+/// the connection back when it may carry another request.
+pub async fn exchange<R>(
+    mut connection: Connection,
+    request: &request::Parts,
+    release: R,
+) -> Result<Response<ResponseBody<R>>, ExchangeError>
+where
+    R: FnOnce(Connection),
+{
+    connection.send_head(request).await?;
+    let head = connection.read_head(&request.method).await?;
+    let body = ResponseBody {
+        connection: Some(connection),
+        framing: head.framing,
+        keep_alive: head.keep_alive,
+        release: Some(release),
+    };
+    Ok(Response::from_parts(head.parts, body))
+}
+
+/// `METHOD /path HTTP/1.1`, the fields, and the blank line. The body is
+/// empty, so any `Transfer-Encoding` is left out (as hyper does).
+fn encode_head(out: &mut Vec<u8>, request: &request::Parts) {
+    out.extend_from_slice(request.method.as_str().as_bytes());
+    out.push(b' ');
+    let target = request.uri.path_and_query().map_or("/", |p| p.as_str());
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in &request.headers {
+        if name == header::TRANSFER_ENCODING {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// A response head and how its body is delimited.
+struct Head {
+    parts: response::Parts,
+    framing: Framing,
+    /// The connection may carry another request after this response.
+    keep_alive: bool,
+}
+
+/// Takes a complete response head off the front of `input`; `None` while
+/// it is incomplete. Field values share the head's bytes.
+fn parse_head(input: &mut BytesMut, method: &Method) -> Result<Option<Head>, ExchangeError> {
+    if input.is_empty() {
+        return Ok(None);
+    }
+    // Left uninitialised: filling a hundred fields per response showed up
+    // in the instruction count.
+    let mut fields = [const { MaybeUninit::<httparse::Header>::uninit() }; MAX_FIELDS];
+    let mut parsed = httparse::Response::new(&mut []);
+    let parser = httparse::ParserConfig::default();
+    let length = match parser.parse_response_with_uninit_headers(&mut parsed, input, &mut fields) {
+        Ok(httparse::Status::Complete(length)) => length,
+        Ok(httparse::Status::Partial) if input.len() >= MAX_HEAD => {
+            return Err(ExchangeError::HeadTooLarge);
+        }
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(error) => return Err(ExchangeError::Malformed(error)),
+    };
+    let code = parsed
+        .code
+        .ok_or(ExchangeError::Invalid("no status code"))?;
+    let status = StatusCode::from_u16(code).map_err(|_| ExchangeError::Invalid("status code"))?;
+    let version = match parsed.version {
+        Some(1) => Version::HTTP_11,
+        _ => Version::HTTP_10,
+    };
+    // Where each field's name and value are in the head: the values are
+    // cut from it once it is split off the input. (A zeroed array of a
+    // hundred would cost more than this allocation.)
+    let start = input.as_ptr() as usize;
+    let span = |field: &[u8]| match field.is_empty() {
+        true => (0, 0),
+        false => {
+            let from = field.as_ptr() as usize - start;
+            (from, from + field.len())
+        }
+    };
+    let spans: Vec<_> = parsed
+        .headers
+        .iter()
+        .map(|field| (span(field.name.as_bytes()), span(field.value)))
+        .collect();
+    let head = input.split_to(length).freeze();
+    let mut headers = HeaderMap::with_capacity(spans.len());
+    for ((name_from, name_to), (value_from, value_to)) in spans {
+        let name = HeaderName::from_bytes(&head[name_from..name_to])
+            .map_err(|_| ExchangeError::Invalid("header field name"))?;
+        let value = HeaderValue::from_maybe_shared(head.slice(value_from..value_to))
+            .map_err(|_| ExchangeError::Invalid("header field value"))?;
+        headers.append(name, value);
+    }
+    let (framing, length_known) = framing(method, status, &mut headers)?;
+    let keep_alive = length_known
+        && version == Version::HTTP_11
+        && !tokens(&headers, header::CONNECTION).any(|t| t.eq_ignore_ascii_case("close"));
+    let mut parts = Response::new(()).into_parts().0;
+    parts.status = status;
+    parts.version = version;
+    parts.headers = headers;
+    Ok(Some(Head {
+        parts,
+        framing,
+        keep_alive,
+    }))
+}
+
+/// How the body of a response to `method` with `status` is delimited, and
+/// whether its end is known without the connection closing. A
+/// Content-Length beside a Transfer-Encoding is dropped (RFC 9112 §6.3).
+fn framing(
+    method: &Method,
+    status: StatusCode,
+    headers: &mut HeaderMap,
+) -> Result<(Framing, bool), ExchangeError> {
+    if method == Method::HEAD
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+    {
+        return Ok((Framing::Length(0), true));
+    }
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        let chunked = tokens(headers, header::TRANSFER_ENCODING)
+            .last()
+            .is_some_and(|coding| coding.eq_ignore_ascii_case("chunked"));
+        let had_length = headers.remove(header::CONTENT_LENGTH).is_some();
+        return Ok(match chunked {
+            true => (Framing::Chunked(Chunk::Size), !had_length),
+            false => (Framing::UntilClose, false),
+        });
+    }
+    match content_length(headers)? {
+        Some(length) => Ok((Framing::Length(length), true)),
+        None => Ok((Framing::UntilClose, false)),
+    }
+}
+
+/// The Content-Length, when present; every value must be the same number.
+fn content_length(headers: &HeaderMap) -> Result<Option<u64>, ExchangeError> {
+    let mut length = None;
+    for value in headers.get_all(header::CONTENT_LENGTH) {
+        for number in value.as_bytes().split(|&b| b == b',') {
+            let number = number.trim_ascii();
+            let parsed = match number.is_empty() || !number.iter().all(u8::is_ascii_digit) {
+                true => None,
+                false => std::str::from_utf8(number)
+                    .ok()
+                    .and_then(|n| n.parse::<u64>().ok()),
+            };
+            match (parsed, length) {
+                (Some(n), Some(seen)) if n == seen => {}
+                (Some(n), None) => length = Some(n),
+                _ => return Err(ExchangeError::Invalid("content-length")),
+            }
+        }
+    }
+    Ok(length)
+}
+
+/// Where a response body is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    /// This many bytes left; 0 once the body is over.
+    Length(u64),
+    Chunked(Chunk),
+    /// Everything until the upstream closes.
+    UntilClose,
+}
+
+/// Where a chunked body is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chunk {
+    /// At a chunk-size line.
+    Size,
+    /// In a chunk's data, this many bytes left.
+    Data(u64),
+    /// At the line end after a chunk's data.
+    DataEnd,
+    /// After the last chunk, at the trailer section.
+    Trailers,
+}
+
+/// What the buffered input gives a body next.
+#[derive(Debug, PartialEq, Eq)]
+enum Step {
+    Data(Bytes),
+    /// The body is over.
+    End,
+    /// More input is needed.
+    More,
+}
+
+impl Framing {
+    fn step(&mut self, input: &mut BytesMut) -> Result<Step, ExchangeError> {
+        loop {
+            match self {
+                Self::Length(0) => return Ok(Step::End),
+                Self::Length(left) | Self::Chunked(Chunk::Data(left)) => {
+                    if input.is_empty() {
+                        return Ok(Step::More);
+                    }
+                    let taken = input
+                        .len()
+                        .min(usize::try_from(*left).unwrap_or(usize::MAX));
+                    *left -= taken as u64;
+                    if *self == Self::Chunked(Chunk::Data(0)) {
+                        *self = Self::Chunked(Chunk::DataEnd);
+                    }
+                    return Ok(Step::Data(input.split_to(taken).freeze()));
+                }
+                Self::UntilClose if input.is_empty() => return Ok(Step::More),
+                Self::UntilClose => return Ok(Step::Data(input.split().freeze())),
+                Self::Chunked(Chunk::Size) => match chunk_size(input)? {
+                    Some(0) => *self = Self::Chunked(Chunk::Trailers),
+                    Some(size) => *self = Self::Chunked(Chunk::Data(size)),
+                    None => return Ok(Step::More),
+                },
+                Self::Chunked(Chunk::DataEnd) => {
+                    if input.len() < 2 {
+                        return Ok(Step::More);
+                    }
+                    if &input[..2] != b"\r\n" {
+                        return Err(ExchangeError::Invalid("chunk not followed by CRLF"));
+                    }
+                    input.advance(2);
+                    *self = Self::Chunked(Chunk::Size);
+                }
+                Self::Chunked(Chunk::Trailers) => match trailers_end(input)? {
+                    Some(length) => {
+                        input.advance(length);
+                        *self = Self::Length(0);
+                    }
+                    None => return Ok(Step::More),
+                },
+            }
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Self::Length(left) => SizeHint::with_exact(*left),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+/// Takes a chunk-size line (extensions ignored) off `input`.
+fn chunk_size(input: &mut BytesMut) -> Result<Option<u64>, ExchangeError> {
+    let invalid = ExchangeError::Invalid("chunk size");
+    if input.first().is_some_and(|b| !b.is_ascii_hexdigit()) {
+        return Err(invalid);
+    }
+    match httparse::parse_chunk_size(input) {
+        Ok(httparse::Status::Complete((used, size))) => {
+            input.advance(used);
+            Ok(Some(size))
+        }
+        Ok(httparse::Status::Partial) if input.len() >= MAX_HEAD => Err(invalid),
+        Ok(httparse::Status::Partial) => Ok(None),
+        Err(_) => Err(invalid),
+    }
+}
+
+/// The length of the trailer section at the front of `input`, once it is
+/// all there.
+fn trailers_end(input: &BytesMut) -> Result<Option<usize>, ExchangeError> {
+    let mut fields = [httparse::EMPTY_HEADER; MAX_TRAILERS];
+    match httparse::parse_headers(input, &mut fields) {
+        Ok(httparse::Status::Complete((length, _))) => Ok(Some(length)),
+        Ok(httparse::Status::Partial) if input.len() >= MAX_HEAD => {
+            Err(ExchangeError::Invalid("trailer section too large"))
+        }
+        Ok(httparse::Status::Partial) => Ok(None),
+        Err(_) => Err(ExchangeError::Invalid("trailer section")),
+    }
+}
+
+/// A response body read from its connection as it is polled.
+pub struct ResponseBody<R: FnOnce(Connection)> {
+    /// Dropped (closed) on an error.
+    connection: Option<Connection>,
+    framing: Framing,
+    keep_alive: bool,
+    release: Option<R>,
+}
+
+impl<R: FnOnce(Connection)> ResponseBody<R> {
+    /// Hands the connection back if the body is over and nothing else has
+    /// come; otherwise it closes.
+    fn release(&mut self) {
+        let (Some(connection), Some(release)) = (self.connection.take(), self.release.take())
+        else {
+            return;
+        };
+        if self.keep_alive && self.framing == Framing::Length(0) && connection.input.is_empty() {
+            release(connection);
+        }
+    }
+
+    fn fail(&mut self, error: ExchangeError) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.connection = None;
+        Poll::Ready(Some(Err(error.into())))
+    }
+}
+
+impl<R: FnOnce(Connection) + Unpin> HttpBody for ResponseBody<R> {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        loop {
+            let Some(connection) = this.connection.as_mut() else {
+                return Poll::Ready(None);
+            };
+            match this.framing.step(&mut connection.input) {
+                Ok(Step::Data(bytes)) => return Poll::Ready(Some(Ok(Frame::data(bytes)))),
+                Ok(Step::End) => {
+                    this.release();
+                    return Poll::Ready(None);
+                }
+                Ok(Step::More) => {}
+                Err(error) => return this.fail(error),
+            }
+            match ready!(connection.poll_fill(cx)) {
+                Ok(0) if this.framing == Framing::UntilClose => {
+                    this.connection = None;
+                    return Poll::Ready(None);
+                }
+                Ok(0) => return this.fail(ExchangeError::Truncated),
+                Ok(_) => {}
+                Err(error) => return this.fail(ExchangeError::Read(error)),
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.connection.is_none() || self.framing == Framing::Length(0)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.framing.size_hint()
+    }
+}
+
+/// A body hyper never polls because it is empty is released here.
+impl<R: FnOnce(Connection)> Drop for ResponseBody<R> {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use http_body_util::BodyExt;
+    use tokio::io::AsyncReadExt;
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    fn head(text: &str, method: &Method) -> Result<Option<Head>, ExchangeError> {
+        parse_head(&mut BytesMut::from(text), method)
+    }
+
+    /// Runs `framing` over `wire` cut at `cut`, as two reads.
+    fn body_of(mut framing: Framing, wire: &[u8], cut: usize) -> Result<Vec<u8>, ExchangeError> {
+        let mut input = BytesMut::new();
+        let mut body = Vec::new();
+        for part in [&wire[..cut], &wire[cut..]] {
+            input.extend_from_slice(part);
+            loop {
+                match framing.step(&mut input)? {
+                    Step::Data(bytes) => body.extend_from_slice(&bytes),
+                    Step::End => return Ok(body),
+                    Step::More => break,
+                }
+            }
+        }
+        Err(ExchangeError::Truncated)
+    }
+
+    #[test]
+    fn a_head_is_parsed_with_its_fields_and_length() {
+        let parsed = head(
+            "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-A: 1\r\nx-a: 2\r\n\r\nhello",
+            &Method::GET,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(parsed.parts.status, StatusCode::OK);
+        assert_eq!(parsed.parts.version, Version::HTTP_11);
+        assert_eq!(parsed.parts.headers.get_all("x-a").iter().count(), 2);
+        assert_eq!(parsed.framing, Framing::Length(5));
+        assert!(parsed.keep_alive);
+    }
+
+    #[test]
+    fn empty_values_and_names_of_any_case_are_kept() {
+        let parsed = head("HTTP/1.1 200 OK\r\nX-Empty:\r\nX-Blank:   \r\n\r\n", &Method::GET)
+            .unwrap()
+            .unwrap();
+        assert_eq!(parsed.parts.headers["x-empty"], "");
+        assert_eq!(parsed.parts.headers["x-blank"], "");
+    }
+
+    #[test]
+    fn an_incomplete_head_waits_and_a_bad_one_fails() {
+        assert!(
+            head("HTTP/1.1 200 OK\r\nContent-Le", &Method::GET)
+                .unwrap()
+                .is_none()
+        );
+        assert!(head("", &Method::GET).unwrap().is_none());
+        assert!(matches!(
+            head("HTTP/1.1 2x0 OK\r\n\r\n", &Method::GET),
+            Err(ExchangeError::Malformed(_))
+        ));
+        let endless = format!("HTTP/1.1 200 OK\r\nx: {}", "a".repeat(MAX_HEAD));
+        assert!(matches!(
+            head(&endless, &Method::GET),
+            Err(ExchangeError::HeadTooLarge)
+        ));
+        let crowded = format!(
+            "HTTP/1.1 200 OK\r\n{}\r\n",
+            "x: 1\r\n".repeat(MAX_FIELDS + 1)
+        );
+        assert!(matches!(
+            head(&crowded, &Method::GET),
+            Err(ExchangeError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn the_length_follows_rfc_9112() {
+        let framing_of = |text: &str, method: &Method| {
+            let parsed = head(text, method).unwrap().unwrap();
+            (parsed.framing, parsed.keep_alive, parsed.parts.headers)
+        };
+        let (framing, keep, _) = framing_of(
+            "HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\n",
+            &Method::HEAD,
+        );
+        assert_eq!(
+            (framing, keep),
+            (Framing::Length(0), true),
+            "HEAD has no body"
+        );
+        for status in ["204 No Content", "304 Not Modified"] {
+            let text = format!("HTTP/1.1 {status}\r\ncontent-length: 9\r\n\r\n");
+            assert_eq!(
+                framing_of(&text, &Method::GET).0,
+                Framing::Length(0),
+                "{status}"
+            );
+        }
+        let (framing, keep, headers) = framing_of(
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\ncontent-length: 9\r\n\r\n",
+            &Method::GET,
+        );
+        assert_eq!(framing, Framing::Chunked(Chunk::Size), "chunked wins");
+        assert!(
+            !keep,
+            "a message with both is not trusted with the connection"
+        );
+        assert!(
+            !headers.contains_key(header::CONTENT_LENGTH),
+            "the length is dropped"
+        );
+        let (framing, keep, _) = framing_of(
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n",
+            &Method::GET,
+        );
+        assert_eq!((framing, keep), (Framing::UntilClose, false));
+        let (framing, keep, _) = framing_of("HTTP/1.1 200 OK\r\n\r\n", &Method::GET);
+        assert_eq!(
+            (framing, keep),
+            (Framing::UntilClose, false),
+            "no length: until close"
+        );
+        let (framing, keep, _) = framing_of(
+            "HTTP/1.1 200 OK\r\ncontent-length: 3, 3\r\ncontent-length: 3\r\n\r\n",
+            &Method::GET,
+        );
+        assert_eq!(
+            (framing, keep),
+            (Framing::Length(3), true),
+            "repeated equal lengths"
+        );
+        for bad in ["3, 4", "+3", "", "0x3", "99999999999999999999999"] {
+            let text = format!("HTTP/1.1 200 OK\r\ncontent-length: {bad}\r\n\r\n");
+            assert!(
+                matches!(
+                    head(&text, &Method::GET),
+                    Err(ExchangeError::Invalid("content-length"))
+                ),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn only_an_http_1_1_response_without_close_keeps_the_connection() {
+        let keeps = |text: &str| head(text, &Method::GET).unwrap().unwrap().keep_alive;
+        assert!(keeps(
+            "HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: keep-alive\r\n\r\n"
+        ));
+        assert!(!keeps(
+            "HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: Close\r\n\r\n"
+        ));
+        assert!(!keeps("HTTP/1.0 200 OK\r\ncontent-length: 0\r\n\r\n"));
+    }
+
+    #[test]
+    fn a_chunked_body_decodes_however_it_is_cut() {
+        let wire = b"5;name=value\r\nhello\r\nA\r\n, world!!!\r\n0\r\nx-trailer: 1\r\n\r\nNEXT";
+        for cut in 0..=wire.len() {
+            let mut input = BytesMut::new();
+            let mut framing = Framing::Chunked(Chunk::Size);
+            let mut body = Vec::new();
+            let mut ended = false;
+            for part in [&wire[..cut], &wire[cut..]] {
+                input.extend_from_slice(part);
+                while let Step::Data(bytes) = framing.step(&mut input).unwrap() {
+                    body.extend_from_slice(&bytes);
+                }
+                ended = framing.step(&mut input).unwrap() == Step::End;
+            }
+            assert!(ended, "cut at {cut}");
+            assert_eq!(body, b"hello, world!!!", "cut at {cut}");
+            assert_eq!(&input[..], b"NEXT", "what follows is left, cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn a_length_body_stops_at_its_length() {
+        for cut in 0..=8 {
+            assert_eq!(
+                body_of(Framing::Length(6), b"abcdefgh", cut).unwrap(),
+                b"abcdef"
+            );
+        }
+        assert!(matches!(
+            body_of(Framing::Length(9), b"abc", 1),
+            Err(ExchangeError::Truncated)
+        ));
+    }
+
+    #[test]
+    fn bad_chunking_is_an_error() {
+        for wire in [
+            &b"zz\r\n"[..],
+            b"5\r\nhelloXX",
+            b"\r\n",
+            b"0\r\nbad trailer\r\n\r\n",
+        ] {
+            let result = body_of(Framing::Chunked(Chunk::Size), wire, 0);
+            assert!(
+                matches!(result, Err(ExchangeError::Invalid(_))),
+                "{wire:?}: {result:?}"
+            );
+        }
+        let endless = format!("5;{}", "x".repeat(MAX_HEAD));
+        let result = body_of(Framing::Chunked(Chunk::Size), endless.as_bytes(), 0);
+        assert!(matches!(result, Err(ExchangeError::Invalid("chunk size"))));
+    }
+
+    /// What a test upstream does once it has given all its replies.
+    #[derive(Clone, Copy, PartialEq)]
+    enum Then {
+        StayOpen,
+        Close,
+    }
+
+    /// A loopback upstream that answers each request head on a connection
+    /// with the next of `replies`, and a connection to it.
+    async fn upstream(replies: &'static [&'static [u8]], then: Then) -> Connection {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut seen = Vec::new();
+            for reply in replies {
+                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                    let mut buffer = [0u8; 1024];
+                    let n = stream.read(&mut buffer).await.unwrap();
+                    if n == 0 {
+                        return;
+                    }
+                    seen.extend_from_slice(&buffer[..n]);
+                }
+                let end = seen.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+                seen.drain(..end);
+                tokio::io::AsyncWriteExt::write_all(&mut stream, reply)
+                    .await
+                    .unwrap();
+            }
+            if then == Then::StayOpen {
+                let _ = stream.read(&mut [0u8; 1]).await;
+            }
+        });
+        Connection::new(TcpStream::connect(address).await.unwrap())
+    }
+
+    fn get(path: &str) -> request::Parts {
+        let mut parts = hyper::Request::new(()).into_parts().0;
+        parts.uri = path.parse().unwrap();
+        parts
+            .headers
+            .insert(header::HOST, HeaderValue::from_static("upstream"));
+        parts
+    }
+
+    type Released = Arc<Mutex<Option<Connection>>>;
+
+    fn keeper(released: &Released) -> impl FnOnce(Connection) + Unpin + use<> {
+        let released = released.clone();
+        move |connection| *released.lock().unwrap() = Some(connection)
+    }
+
+    #[tokio::test]
+    async fn a_read_body_returns_its_connection_for_the_next_request() {
+        let replies: &[&[u8]] = &[
+            b"HTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\none",
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\ntwo\r\n0\r\n\r\n",
+        ];
+        let mut connection = upstream(replies, Then::StayOpen).await;
+        for expected in ["one", "two"] {
+            let released = Released::default();
+            let response = exchange(connection, &get("/"), keeper(&released))
+                .await
+                .unwrap();
+            assert_eq!(response.status(), StatusCode::OK, "the 103 is skipped");
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(body, expected);
+            connection = released.lock().unwrap().take().expect("released");
+            assert!(connection.is_idle());
+        }
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_upstream_closed_is_not_idle() {
+        let replies: &[&[u8]] = &[b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"];
+        let released = Released::default();
+        let connection = upstream(replies, Then::Close).await;
+        let response = exchange(connection, &get("/"), keeper(&released))
+            .await
+            .unwrap();
+        response.into_body().collect().await.unwrap();
+        let connection = released.lock().unwrap().take().expect("released");
+        // The reactor hears of the close; nothing reads the socket.
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        while connection.is_idle() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the close was never seen"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_connection_that_closes_is_not_returned() {
+        let replies: &[&[u8]] =
+            &[b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok"];
+        let released = Released::default();
+        let response = exchange(
+            upstream(replies, Then::StayOpen).await,
+            &get("/"),
+            keeper(&released),
+        )
+        .await
+        .unwrap();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, "ok");
+        assert!(released.lock().unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn an_upstream_that_closes_without_answering_is_stale() {
+        let released = Released::default();
+        let error = exchange(
+            upstream(&[], Then::Close).await,
+            &get("/"),
+            keeper(&released),
+        )
+        .await
+        .err()
+        .expect("no response");
+        assert!(error.is_stale(), "{error}");
+        let replies: &[&[u8]] = &[b"HTTP/1.1 200 OK\r\ncontent-le"];
+        let error = exchange(
+            upstream(replies, Then::Close).await,
+            &get("/"),
+            keeper(&released),
+        )
+        .await
+        .err()
+        .expect("no whole response");
+        assert!(matches!(error, ExchangeError::Truncated), "{error}");
+        assert!(!error.is_stale(), "part of an answer came");
+    }
+
+    /// `data` cut into chunks of `sizes` (cycled), chunked-encoded.
+    fn chunked(data: &[u8], sizes: &[usize]) -> Vec<u8> {
+        let mut wire = Vec::new();
+        let mut rest = data;
+        for &size in sizes.iter().cycle() {
+            if rest.is_empty() {
+                break;
+            }
+            let (chunk, after) = rest.split_at(size.clamp(1, rest.len()));
+            wire.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+            wire.extend_from_slice(chunk);
+            wire.extend_from_slice(b"\r\n");
+            rest = after;
+        }
+        wire.extend_from_slice(b"0\r\n\r\n");
+        wire
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_chunking_of_any_body_decodes_to_it(
+            data in proptest::collection::vec(proptest::num::u8::ANY, 0..600),
+            sizes in proptest::collection::vec(1usize..300, 1..8),
+            cut in 0usize..2000,
+        ) {
+            let wire = chunked(&data, &sizes);
+            let cut = cut.min(wire.len());
+            let body = body_of(Framing::Chunked(Chunk::Size), &wire, cut).unwrap();
+            proptest::prop_assert_eq!(body, data);
+        }
+
+        #[test]
+        fn any_bytes_after_a_status_line_fail_cleanly_or_frame(
+            tail in proptest::collection::vec(proptest::num::u8::ANY, 0..400),
+            cut in 0usize..500,
+        ) {
+            let mut wire = b"HTTP/1.1 200 OK\r\n".to_vec();
+            wire.extend_from_slice(&tail);
+            let mut input = BytesMut::from(&wire[..]);
+            if let Ok(Some(parsed)) = parse_head(&mut input, &Method::GET) {
+                let rest = input.to_vec();
+                let _ = body_of(parsed.framing, &rest, cut.min(rest.len()));
+            }
+        }
+    }
+
+    #[test]
+    fn the_request_head_leaves_out_transfer_encoding() {
+        let mut parts = get("/a?b=c");
+        parts.method = Method::DELETE;
+        parts.headers.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        let mut out = Vec::new();
+        encode_head(&mut out, &parts);
+        assert_eq!(out, b"DELETE /a?b=c HTTP/1.1\r\nhost: upstream\r\n\r\n");
+    }
+}
