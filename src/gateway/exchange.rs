@@ -573,9 +573,12 @@ mod tests {
 
     #[test]
     fn empty_values_and_names_of_any_case_are_kept() {
-        let parsed = head("HTTP/1.1 200 OK\r\nX-Empty:\r\nX-Blank:   \r\n\r\n", &Method::GET)
-            .unwrap()
-            .unwrap();
+        let parsed = head(
+            "HTTP/1.1 200 OK\r\nX-Empty:\r\nX-Blank:   \r\n\r\n",
+            &Method::GET,
+        )
+        .unwrap()
+        .unwrap();
         assert_eq!(parsed.parts.headers["x-empty"], "");
         assert_eq!(parsed.parts.headers["x-blank"], "");
     }

@@ -6,8 +6,10 @@
 //! idle timeout. HTTP/2 upstreams keep hyper-util's client.
 //!
 //! A request without a body goes through muster's own exchange
-//! (`exchange.rs`) on a bare connection; one with a body or an upgrade
-//! through hyper's client connection. Each kind waits in its own idle set.
+//! (`exchange.rs`) on a bare connection, its head borrowed so that a
+//! retry sends it again without a copy; one with a body or an upgrade
+//! goes through hyper's client connection. Each kind of connection waits
+//! in its own idle set.
 //!
 //! hyper-util's pooled client did the same for HTTP/1 but hashed its pool
 //! key several times per request and spawned a task per request to wait
@@ -22,7 +24,7 @@ use std::time::Duration;
 use http_body_util::BodyExt;
 use hyper::body::{Body as HttpBody, Incoming};
 use hyper::client::conn::http1::{self, SendRequest};
-use hyper::header;
+use hyper::http::request::Parts;
 use hyper::http::uri::Authority;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
@@ -179,17 +181,16 @@ impl Http1Pool {
         }
     }
 
-    /// Sends `request` (origin-form URI, Host set) to `authority` on a
-    /// pooled connection, or a new one. A request that a reused connection
-    /// closed before sending goes again on another.
+    /// Sends `request` (origin-form URI, Host set; one with a body or an
+    /// upgrade, see [`Self::send_bare`] for the others) to `authority`
+    /// through hyper's client, on a pooled connection or a new one. A
+    /// request that a reused connection closed before sending goes again
+    /// on another.
     pub async fn send(
         &self,
         authority: &Authority,
         request: Request<Body>,
     ) -> Result<Response<Body>, SendError> {
-        if request.body().is_end_stream() && !request.headers().contains_key(header::UPGRADE) {
-            return self.send_bare(authority, request).await;
-        }
         let (mut request, upload) = track_upload(request);
         loop {
             let idle = self.shared.hyper.take(authority, self.shared.idle_timeout);
@@ -212,16 +213,15 @@ impl Http1Pool {
         }
     }
 
-    /// [`Self::send`] for a request without a body, through muster's own
-    /// exchange. A reused connection that gives no answer at all had been
-    /// closed by the upstream: an idempotent request goes again on
-    /// another.
-    async fn send_bare(
+    /// [`Self::send`] for a request without a body (and no upgrade),
+    /// through muster's own exchange, which only borrows the head. A
+    /// reused connection that gives no answer at all had been closed by
+    /// the upstream: an idempotent request goes again on another.
+    pub async fn send_bare(
         &self,
         authority: &Authority,
-        request: Request<Body>,
+        request: &Parts,
     ) -> Result<Response<Body>, SendError> {
-        let (request, _) = request.into_parts();
         let repeatable = is_idempotent(&request.method);
         loop {
             let idle = self.shared.bare.take(authority, self.shared.idle_timeout);
@@ -235,7 +235,7 @@ impl Http1Pool {
                     pool.put(&pool.bare, &home, connection);
                 }
             };
-            match exchange(connection, &request, release).await {
+            match exchange(connection, request, release).await {
                 Ok(response) => return Ok(response.map(BodyExt::boxed)),
                 Err(error) if reused && repeatable && error.is_stale() => continue,
                 Err(error) => return Err(error.into()),

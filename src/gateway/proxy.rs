@@ -9,6 +9,7 @@ use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::{Body as HttpBody, Incoming};
 use hyper::header::{self, HeaderValue};
+use hyper::http::request::Parts;
 use hyper::http::uri::{Authority, PathAndQuery};
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::TokioIo;
@@ -18,9 +19,10 @@ use tracing::{debug, info};
 
 use super::balance::InFlight;
 use super::headers::{REQUEST_ID, TRACEPARENT, set_forwarded, strip_hop_by_hop, tokens};
+use super::pool::{Http1Pool, SendError};
 use super::quiet::QuietLimit;
 use super::watched::{Ending, Watched, Watcher};
-use super::{ClientConnection, Gateway, Policy};
+use super::{ClientConnection, Gateway, Policy, UpstreamClient};
 use crate::config::UpstreamProtocol;
 use crate::telemetry::{ACCESS_TARGET, RouteLabel, RouteMeters, RouteStatus};
 
@@ -246,6 +248,12 @@ async fn forward(
         return Err((failure, None));
     };
     let attempts = if replayable { 1 + route.retries } else { 1 };
+    let mut bare = match &upstream.client {
+        UpstreamClient::Http1(pool) if replayable && !upgrade => {
+            Some(BareRequest::new(pool, &mut parts, &path))
+        }
+        _ => None,
+    };
     let mut body = Some(body);
     let mut tried: Vec<Arc<str>> = Vec::new();
     let mut last: Option<(Failure, Arc<str>)> = None;
@@ -264,33 +272,46 @@ async fn forward(
         };
         let backend = &backends[chosen];
         tried.push(backend.key.clone());
-        let body = match body.take() {
-            Some(body) => body.map_err(BoxError::from).boxed(),
-            None => Empty::new().map_err(|never| match never {}).boxed(),
-        };
-        // Only an attempt that may be followed by another needs a copy.
-        let headers = if attempt == attempts {
-            std::mem::take(&mut parts.headers)
-        } else {
-            parts.headers.clone()
-        };
-        let outgoing = build_request(
-            &parts.method,
-            headers,
-            &backend.authority,
-            path.clone(),
-            route.upstream,
-            body,
-        );
-        let Some(outgoing) = outgoing else {
-            let failure = Failure::new(StatusCode::BAD_GATEWAY, "cannot address the upstream");
-            return Err((failure, Some(backend.key.clone())));
-        };
         let stats = &backend.stats;
-        let in_flight = InFlight::start(stats);
-        let sending = upstream.client.send(&backend.authority, outgoing);
-        let sent = tokio::time::timeout(route.timeout, sending).await;
-        drop(in_flight);
+        let sent = match &mut bare {
+            Some(bare) => {
+                let in_flight = InFlight::start(stats);
+                let sending = bare.send(&backend.authority);
+                let sent = tokio::time::timeout(route.timeout, sending).await;
+                drop(in_flight);
+                sent
+            }
+            None => {
+                let body = match body.take() {
+                    Some(body) => body.map_err(BoxError::from).boxed(),
+                    None => Empty::new().map_err(|never| match never {}).boxed(),
+                };
+                // Only an attempt that may be followed by another needs a copy.
+                let headers = if attempt == attempts {
+                    std::mem::take(&mut parts.headers)
+                } else {
+                    parts.headers.clone()
+                };
+                let outgoing = build_request(
+                    &parts.method,
+                    headers,
+                    &backend.authority,
+                    path.clone(),
+                    route.upstream,
+                    body,
+                );
+                let Some(outgoing) = outgoing else {
+                    let failure =
+                        Failure::new(StatusCode::BAD_GATEWAY, "cannot address the upstream");
+                    return Err((failure, Some(backend.key.clone())));
+                };
+                let in_flight = InFlight::start(stats);
+                let sending = upstream.client.send(&backend.authority, outgoing);
+                let sent = tokio::time::timeout(route.timeout, sending).await;
+                drop(in_flight);
+                sent
+            }
+        };
         let now = Instant::now();
         match sent {
             Err(_) => {
@@ -345,6 +366,41 @@ async fn forward(
             Failure::new(StatusCode::SERVICE_UNAVAILABLE, "no instance left to try"),
             None,
         )),
+    }
+}
+
+/// A request without a body to an HTTP/1 upstream, sent through the
+/// pool's own exchange, which borrows its head: every attempt sends the
+/// same one, never a copy.
+struct BareRequest<'a> {
+    pool: &'a Http1Pool,
+    head: Parts,
+    /// The client named no host: each attempt names its instance.
+    host_per_instance: bool,
+}
+
+impl<'a> BareRequest<'a> {
+    /// Takes the method and the (prepared) headers from `parts`.
+    fn new(pool: &'a Http1Pool, parts: &mut Parts, path: &PathAndQuery) -> Self {
+        let mut head = Request::new(()).into_parts().0;
+        head.method = parts.method.clone();
+        head.uri = Uri::from(path.clone());
+        head.headers = std::mem::take(&mut parts.headers);
+        let host_per_instance = !head.headers.contains_key(header::HOST);
+        Self {
+            pool,
+            head,
+            host_per_instance,
+        }
+    }
+
+    async fn send(&mut self, authority: &Authority) -> Result<Response<Body>, SendError> {
+        if self.host_per_instance
+            && let Ok(host) = HeaderValue::from_str(authority.as_str())
+        {
+            self.head.headers.insert(header::HOST, host);
+        }
+        self.pool.send_bare(authority, &self.head).await
     }
 }
 
