@@ -269,6 +269,26 @@ async fn chunked_interim_head_and_close_delimited_responses_pass_through() {
         .await;
     let (status, body, _) = fetch(&muster, reqwest::Method::GET, "/api/orders/chunked").await;
     assert_eq!((status, body.as_str()), (200, "chunked"));
+    // The upstream's trailers reach an HTTP/2 client.
+    let stream = tokio::net::TcpStream::connect(muster.gateway.unwrap())
+        .await
+        .unwrap();
+    let (mut h2, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    let request = hyper::Request::get(gateway_url(&muster, "/api/orders/chunked"))
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let response = h2.send_request(request).await.unwrap();
+    let body = http_body_util::BodyExt::collect(response.into_body())
+        .await
+        .unwrap();
+    assert_eq!(body.trailers().expect("trailers")["x-trailer"], "1");
+    assert_eq!(body.to_bytes(), "chunked");
     let (status, body, _) = fetch(&muster, reqwest::Method::GET, "/api/orders/interim").await;
     assert_eq!(
         (status, body.as_str()),

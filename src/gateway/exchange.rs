@@ -13,8 +13,8 @@
 //! The response's length follows RFC 9112 §6.3: none for HEAD, 1xx, 204
 //! and 304; chunked when the last transfer coding is chunked; else
 //! Content-Length (several values must agree); else until the upstream
-//! closes. Interim 1xx responses are skipped. Trailers are read and
-//! dropped. A connection is kept only for an HTTP/1.1 response without
+//! closes. Interim 1xx responses are skipped. Trailers are passed on as
+//! a trailers frame. A connection is kept only for an HTTP/1.1 response without
 //! `Connection: close` whose length it knew, read to the end with nothing
 //! after it.
 
@@ -45,7 +45,7 @@ const MAX_HEAD: usize = 64 * 1024;
 /// few reads.
 const READ_ROOM: usize = 8 * 1024;
 const MAX_READ_ROOM: usize = 256 * 1024;
-/// Most trailer fields read (and dropped) after a chunked body.
+/// Most trailer fields after a chunked body.
 const MAX_TRAILERS: usize = 32;
 
 /// Why an exchange failed.
@@ -356,6 +356,8 @@ enum Chunk {
 #[derive(Debug, PartialEq, Eq)]
 enum Step {
     Data(Bytes),
+    /// The trailer fields after the last chunk; the body is over.
+    Trailers(HeaderMap),
     /// The body is over.
     End,
     /// More input is needed.
@@ -397,10 +399,12 @@ impl Framing {
                     input.advance(2);
                     *self = Self::Chunked(Chunk::Size);
                 }
-                Self::Chunked(Chunk::Trailers) => match trailers_end(input)? {
-                    Some(length) => {
-                        input.advance(length);
+                Self::Chunked(Chunk::Trailers) => match trailers(input)? {
+                    Some(fields) => {
                         *self = Self::Length(0);
+                        if !fields.is_empty() {
+                            return Ok(Step::Trailers(fields));
+                        }
                     }
                     None => return Ok(Step::More),
                 },
@@ -433,18 +437,25 @@ fn chunk_size(input: &mut BytesMut) -> Result<Option<u64>, ExchangeError> {
     }
 }
 
-/// The length of the trailer section at the front of `input`, once it is
-/// all there.
-fn trailers_end(input: &BytesMut) -> Result<Option<usize>, ExchangeError> {
+/// Takes the trailer section off the front of `input`, once it is all
+/// there; its fields (most often none) are copied out.
+fn trailers(input: &mut BytesMut) -> Result<Option<HeaderMap>, ExchangeError> {
+    let invalid = || ExchangeError::Invalid("trailer section");
     let mut fields = [httparse::EMPTY_HEADER; MAX_TRAILERS];
-    match httparse::parse_headers(input, &mut fields) {
-        Ok(httparse::Status::Complete((length, _))) => Ok(Some(length)),
-        Ok(httparse::Status::Partial) if input.len() >= MAX_HEAD => {
-            Err(ExchangeError::Invalid("trailer section too large"))
-        }
-        Ok(httparse::Status::Partial) => Ok(None),
-        Err(_) => Err(ExchangeError::Invalid("trailer section")),
+    let (length, fields) = match httparse::parse_headers(input, &mut fields) {
+        Ok(httparse::Status::Complete(parsed)) => parsed,
+        Ok(httparse::Status::Partial) if input.len() >= MAX_HEAD => return Err(invalid()),
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(_) => return Err(invalid()),
+    };
+    let mut map = HeaderMap::with_capacity(fields.len());
+    for field in fields {
+        let name = HeaderName::from_bytes(field.name.as_bytes()).map_err(|_| invalid())?;
+        let value = HeaderValue::from_bytes(field.value).map_err(|_| invalid())?;
+        map.append(name, value);
     }
+    input.advance(length);
+    Ok(Some(map))
 }
 
 /// A response body read from its connection as it is polled.
@@ -490,6 +501,12 @@ impl<R: FnOnce(Connection) + Unpin> HttpBody for ResponseBody<R> {
             };
             match this.framing.step(&mut connection.input) {
                 Ok(Step::Data(bytes)) => return Poll::Ready(Some(Ok(Frame::data(bytes)))),
+                Ok(Step::Trailers(fields)) => {
+                    // The body is over: the connection can go before the
+                    // frame does.
+                    this.release();
+                    return Poll::Ready(Some(Ok(Frame::trailers(fields))));
+                }
                 Ok(Step::End) => {
                     this.release();
                     return Poll::Ready(None);
@@ -548,7 +565,7 @@ mod tests {
             loop {
                 match framing.step(&mut input)? {
                     Step::Data(bytes) => body.extend_from_slice(&bytes),
-                    Step::End => return Ok(body),
+                    Step::End | Step::Trailers(_) => return Ok(body),
                     Step::More => break,
                 }
             }
@@ -697,15 +714,20 @@ mod tests {
             let mut input = BytesMut::new();
             let mut framing = Framing::Chunked(Chunk::Size);
             let mut body = Vec::new();
-            let mut ended = false;
+            let mut trailers = None;
             for part in [&wire[..cut], &wire[cut..]] {
                 input.extend_from_slice(part);
-                while let Step::Data(bytes) = framing.step(&mut input).unwrap() {
-                    body.extend_from_slice(&bytes);
+                loop {
+                    match framing.step(&mut input).unwrap() {
+                        Step::Data(bytes) => body.extend_from_slice(&bytes),
+                        Step::Trailers(fields) => trailers = Some(fields),
+                        Step::End | Step::More => break,
+                    }
                 }
-                ended = framing.step(&mut input).unwrap() == Step::End;
             }
-            assert!(ended, "cut at {cut}");
+            assert_eq!(framing.step(&mut input).unwrap(), Step::End, "cut at {cut}");
+            let trailers = trailers.expect("trailers");
+            assert_eq!(trailers["x-trailer"], "1", "cut at {cut}");
             assert_eq!(body, b"hello, world!!!", "cut at {cut}");
             assert_eq!(&input[..], b"NEXT", "what follows is left, cut at {cut}");
         }
