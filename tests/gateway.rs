@@ -396,6 +396,55 @@ async fn a_get_the_upstream_dropped_unanswered_goes_again_and_a_post_does_not() 
 }
 
 #[tokio::test]
+async fn an_unanswered_get_goes_again_only_once() {
+    use tokio::io::AsyncWriteExt;
+    let toml = orders_with("timeout = \"500ms\"", "timeout = \"2s\"\nretries = 0");
+    let muster = start_with(with_gateway(&toml)).await;
+    // Answers the first two requests once both have arrived (so they hold
+    // a connection each), then closes on every request without a word.
+    let heads = std::sync::Arc::new(AtomicUsize::new(0));
+    let both = std::sync::Arc::new(tokio::sync::Barrier::new(2));
+    let seen = heads.clone();
+    let (addr, counts) = raw_upstream(move |mut stream| {
+        let (heads, both) = (seen.clone(), both.clone());
+        async move {
+            while read_head(&mut stream).await.is_some() {
+                if heads.fetch_add(1, Ordering::SeqCst) >= 2 {
+                    return;
+                }
+                both.wait().await;
+                let _ = stream.write_all(OK_REPLY).await;
+            }
+        }
+    })
+    .await;
+    muster
+        .register_ok("orders", "o-1", register_raw(addr))
+        .await;
+    let (first, second) = tokio::join!(
+        fetch(&muster, reqwest::Method::GET, "/api/orders/1"),
+        fetch(&muster, reqwest::Method::GET, "/api/orders/2"),
+    );
+    assert_eq!((first.0, second.0), (200, 200));
+    assert_eq!(
+        counts.accepted.load(Ordering::SeqCst),
+        2,
+        "two kept connections"
+    );
+    let (status, _, _) = fetch(&muster, reqwest::Method::GET, "/api/orders/3").await;
+    assert_eq!(
+        status, 502,
+        "a kept connection and then a new one gave nothing"
+    );
+    assert_eq!(
+        heads.load(Ordering::SeqCst),
+        4,
+        "the third GET went out twice: not again on the other kept connection"
+    );
+    assert_eq!(counts.accepted.load(Ordering::SeqCst), 3);
+}
+
+#[tokio::test]
 async fn a_connection_still_uploading_is_not_handed_to_the_next_request() {
     let muster = start_with(with_gateway(ORDERS)).await;
     // POSTs are refused before their body is read; GETs are answered.

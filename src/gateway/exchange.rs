@@ -11,7 +11,9 @@
 //! reads the response while the body is still going out.
 //!
 //! The response's length follows RFC 9112 §6.3: none for HEAD, 1xx, 204
-//! and 304; chunked when the last transfer coding is chunked; else
+//! and 304; chunked when the last transfer coding is chunked, and until
+//! the upstream closes when there is a Transfer-Encoding whose last coding
+//! is not (a Content-Length beside either is dropped); else the
 //! Content-Length (several values must agree); else until the upstream
 //! closes. Interim 1xx responses are skipped. Trailers are passed on as
 //! a trailers frame. A connection is kept only for an HTTP/1.1 response without
@@ -22,7 +24,7 @@ use std::future::poll_fn;
 use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
-use std::task::{Context, Poll, Waker, ready};
+use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, Bytes, BytesMut};
 use hyper::body::{Body as HttpBody, Frame, SizeHint};
@@ -32,7 +34,7 @@ use hyper::{Method, Response, StatusCode, Version};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use super::headers::tokens;
+use super::headers::{is_hop_by_hop, tokens};
 use super::proxy::BoxError;
 
 /// Most fields in a response head (hyper's limit too).
@@ -45,6 +47,10 @@ const MAX_HEAD: usize = 64 * 1024;
 /// few reads.
 const READ_ROOM: usize = 8 * 1024;
 const MAX_READ_ROOM: usize = 256 * 1024;
+/// Largest request-head buffer an idle connection keeps.
+const MAX_KEPT_OUTPUT: usize = 8 * 1024;
+/// Longest chunk-size line (with its extensions).
+const MAX_CHUNK_LINE: usize = 4 * 1024;
 /// Most trailer fields after a chunked body.
 const MAX_TRAILERS: usize = 32;
 
@@ -96,11 +102,28 @@ impl Connection {
     }
 
     /// Whether it may carry another request: nothing is left over and
-    /// nothing has arrived since (a close, a reset or stray bytes would
-    /// have made it readable). Asks the reactor, not the socket.
+    /// nothing has arrived since, as far as the reactor has heard (a
+    /// close, a reset or stray bytes make it readable). No system call
+    /// unless the socket is marked readable; then one read of a byte
+    /// tells, and clears a stale mark.
     pub fn is_idle(&self) -> bool {
-        let mut cx = Context::from_waker(Waker::noop());
-        self.input.is_empty() && self.stream.poll_read_ready(&mut cx).is_pending()
+        self.input.is_empty()
+            && matches!(
+                self.stream.try_read(&mut [0u8; 1]),
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock
+            )
+    }
+
+    /// Gives back memory a large response or request left behind, before
+    /// the connection waits idle.
+    fn shrink(&mut self) {
+        if self.input.capacity() > 2 * READ_ROOM {
+            self.input = BytesMut::new();
+        }
+        self.read_room = READ_ROOM;
+        if self.output.capacity() > MAX_KEPT_OUTPUT {
+            self.output = Vec::new();
+        }
     }
 
     /// Reads what has arrived; 0 at the end of the stream.
@@ -244,6 +267,7 @@ fn parse_head(input: &mut BytesMut, method: &Method) -> Result<Option<Head>, Exc
         true => (0, 0),
         false => {
             let from = field.as_ptr() as usize - start;
+            debug_assert!(from + field.len() <= length, "a field outside the head");
             (from, from + field.len())
         }
     };
@@ -420,25 +444,33 @@ impl Framing {
     }
 }
 
-/// Takes a chunk-size line (extensions ignored) off `input`.
+/// Takes a chunk-size line (extensions ignored) off `input`. Stricter
+/// than httparse alone, as hyper is: the line starts with a digit, holds
+/// no bare LF (in an extension) and is at most [`MAX_CHUNK_LINE`] long.
 fn chunk_size(input: &mut BytesMut) -> Result<Option<u64>, ExchangeError> {
     let invalid = ExchangeError::Invalid("chunk size");
     if input.first().is_some_and(|b| !b.is_ascii_hexdigit()) {
         return Err(invalid);
     }
     match httparse::parse_chunk_size(input) {
+        Ok(httparse::Status::Complete((used, _))) if used > MAX_CHUNK_LINE => Err(invalid),
+        Ok(httparse::Status::Complete((used, _))) if input[..used - 2].contains(&b'\n') => {
+            Err(invalid)
+        }
         Ok(httparse::Status::Complete((used, size))) => {
             input.advance(used);
             Ok(Some(size))
         }
-        Ok(httparse::Status::Partial) if input.len() >= MAX_HEAD => Err(invalid),
+        Ok(httparse::Status::Partial) if input.len() >= MAX_CHUNK_LINE => Err(invalid),
         Ok(httparse::Status::Partial) => Ok(None),
         Err(_) => Err(invalid),
     }
 }
 
 /// Takes the trailer section off the front of `input`, once it is all
-/// there; its fields (most often none) are copied out.
+/// there; its fields (most often none) are copied out, but for those that
+/// may not travel as trailers (hop-by-hop and framing fields, `Host`),
+/// which HTTP/2 would refuse.
 fn trailers(input: &mut BytesMut) -> Result<Option<HeaderMap>, ExchangeError> {
     let invalid = || ExchangeError::Invalid("trailer section");
     let mut fields = [httparse::EMPTY_HEADER; MAX_TRAILERS];
@@ -451,11 +483,18 @@ fn trailers(input: &mut BytesMut) -> Result<Option<HeaderMap>, ExchangeError> {
     let mut map = HeaderMap::with_capacity(fields.len());
     for field in fields {
         let name = HeaderName::from_bytes(field.name.as_bytes()).map_err(|_| invalid())?;
+        if !allowed_in_trailers(&name) {
+            continue;
+        }
         let value = HeaderValue::from_bytes(field.value).map_err(|_| invalid())?;
         map.append(name, value);
     }
     input.advance(length);
     Ok(Some(map))
+}
+
+fn allowed_in_trailers(name: &HeaderName) -> bool {
+    !is_hop_by_hop(name) && name != header::CONTENT_LENGTH && name != header::HOST
 }
 
 /// A response body read from its connection as it is polled.
@@ -476,6 +515,8 @@ impl<R: FnOnce(Connection)> ResponseBody<R> {
             return;
         };
         if self.keep_alive && self.framing == Framing::Length(0) && connection.input.is_empty() {
+            let mut connection = connection;
+            connection.shrink();
             release(connection);
         }
     }
@@ -754,6 +795,7 @@ mod tests {
             b"5\r\nhelloXX",
             b"\r\n",
             b"0\r\nbad trailer\r\n\r\n",
+            b"5;a\nb\r\nhello\r\n0\r\n\r\n",
         ] {
             let result = body_of(Framing::Chunked(Chunk::Size), wire, 0);
             assert!(
@@ -761,7 +803,7 @@ mod tests {
                 "{wire:?}: {result:?}"
             );
         }
-        let endless = format!("5;{}", "x".repeat(MAX_HEAD));
+        let endless = format!("5;{}", "x".repeat(MAX_CHUNK_LINE));
         let result = body_of(Framing::Chunked(Chunk::Size), endless.as_bytes(), 0);
         assert!(matches!(result, Err(ExchangeError::Invalid("chunk size"))));
     }
@@ -861,6 +903,24 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_large_body_leaves_no_large_buffer_on_the_idle_connection() {
+        let mut reply = b"HTTP/1.1 200 OK\r\ncontent-length: 1048576\r\n\r\n".to_vec();
+        reply.resize(reply.len() + 1_048_576, b'x');
+        let reply: &'static [u8] = reply.leak();
+        let replies: &'static [&'static [u8]] = Vec::from([reply]).leak();
+        let released = Released::default();
+        let connection = upstream(replies, Then::StayOpen).await;
+        let response = exchange(connection, &get("/"), keeper(&released))
+            .await
+            .unwrap();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body.len(), 1_048_576);
+        let connection = released.lock().unwrap().take().expect("released");
+        assert!(connection.input.capacity() <= 2 * READ_ROOM);
+        assert_eq!(connection.read_room, READ_ROOM);
+    }
+
+    #[tokio::test]
     async fn a_connection_that_closes_is_not_returned() {
         let replies: &[&[u8]] =
             &[b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok"];
@@ -918,6 +978,17 @@ mod tests {
         }
         wire.extend_from_slice(b"0\r\n\r\n");
         wire
+    }
+
+    #[test]
+    fn trailers_that_may_not_travel_are_left_out() {
+        let mut input = BytesMut::from(
+            &b"connection: x\r\nx-ok: 1\r\ncontent-length: 3\r\nhost: h\r\nte: trailers\r\n\r\n"[..],
+        );
+        let fields = trailers(&mut input).unwrap().unwrap();
+        assert_eq!(fields.len(), 1, "{fields:?}");
+        assert_eq!(fields["x-ok"], "1");
+        assert!(input.is_empty());
     }
 
     proptest::proptest! {

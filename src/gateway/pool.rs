@@ -215,16 +215,22 @@ impl Http1Pool {
 
     /// [`Self::send`] for a request without a body (and no upgrade),
     /// through muster's own exchange, which only borrows the head. A
-    /// reused connection that gives no answer at all had been closed by
-    /// the upstream: an idempotent request goes again on another.
+    /// reused connection that gives no answer at all was most likely
+    /// closed by the upstream as the request went: an idempotent request
+    /// goes again, once, on a new connection (the upstream may have acted
+    /// on it, and its other idle connections are likely closed too).
     pub async fn send_bare(
         &self,
         authority: &Authority,
         request: &Parts,
     ) -> Result<Response<Body>, SendError> {
         let repeatable = is_idempotent(&request.method);
+        let mut fresh_only = false;
         loop {
-            let idle = self.shared.bare.take(authority, self.shared.idle_timeout);
+            let idle = match fresh_only {
+                false => self.shared.bare.take(authority, self.shared.idle_timeout),
+                true => None,
+            };
             let (connection, reused) = match idle {
                 Some(connection) => (connection, true),
                 None => (Connection::new(self.connect(authority).await?), false),
@@ -237,7 +243,7 @@ impl Http1Pool {
             };
             match exchange(connection, request, release).await {
                 Ok(response) => return Ok(response.map(BodyExt::boxed)),
-                Err(error) if reused && repeatable && error.is_stale() => continue,
+                Err(error) if reused && repeatable && error.is_stale() => fresh_only = true,
                 Err(error) => return Err(error.into()),
             }
         }

@@ -275,6 +275,11 @@ async fn forward(
         let stats = &backend.stats;
         let sent = match &mut bare {
             Some(bare) => {
+                if !bare.address(&backend.authority) {
+                    let failure =
+                        Failure::new(StatusCode::BAD_GATEWAY, "cannot address the upstream");
+                    return Err((failure, Some(backend.key.clone())));
+                }
                 let in_flight = InFlight::start(stats);
                 let sending = bare.send(&backend.authority);
                 let sent = tokio::time::timeout(route.timeout, sending).await;
@@ -394,12 +399,20 @@ impl<'a> BareRequest<'a> {
         }
     }
 
-    async fn send(&mut self, authority: &Authority) -> Result<Response<Body>, SendError> {
-        if self.host_per_instance
-            && let Ok(host) = HeaderValue::from_str(authority.as_str())
-        {
-            self.head.headers.insert(header::HOST, host);
+    /// Addresses the head to the instance at `authority`, where the
+    /// client named no host; false if that cannot be a Host field.
+    fn address(&mut self, authority: &Authority) -> bool {
+        if !self.host_per_instance {
+            return true;
         }
+        let Ok(host) = HeaderValue::from_str(authority.as_str()) else {
+            return false;
+        };
+        self.head.headers.insert(header::HOST, host);
+        true
+    }
+
+    async fn send(&self, authority: &Authority) -> Result<Response<Body>, SendError> {
         self.pool.send_bare(authority, &self.head).await
     }
 }
