@@ -160,15 +160,8 @@ impl Connection {
     async fn read_head(&mut self, method: &Method) -> Result<Head, ExchangeError> {
         let mut answered = false;
         loop {
-            if let Some(head) = parse_head(&mut self.input, method)? {
-                if !head.parts.status.is_informational() {
-                    return Ok(head);
-                }
-                if head.parts.status == StatusCode::SWITCHING_PROTOCOLS {
-                    return Err(ExchangeError::Invalid("101 to a request without upgrade"));
-                }
-                answered = true;
-                continue;
+            if let Some(head) = final_head(&mut self.input, method, &mut answered)? {
+                return Ok(head);
             }
             let received = answered || !self.input.is_empty();
             match self.fill().await {
@@ -222,6 +215,71 @@ fn encode_head(out: &mut Vec<u8>, request: &request::Parts) {
         out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(b"\r\n");
+}
+
+/// Takes heads off `input` up to the final one; `None` while that is
+/// incomplete. Interim (1xx) heads are dropped, and `interim` set when
+/// one was; a 101 is an error, since no upgrade was asked for.
+fn final_head(
+    input: &mut BytesMut,
+    method: &Method,
+    interim: &mut bool,
+) -> Result<Option<Head>, ExchangeError> {
+    while let Some(head) = parse_head(input, method)? {
+        if !head.parts.status.is_informational() {
+            return Ok(Some(head));
+        }
+        if head.parts.status == StatusCode::SWITCHING_PROTOCOLS {
+            return Err(ExchangeError::Invalid("101 to a request without upgrade"));
+        }
+        *interim = true;
+    }
+    Ok(None)
+}
+
+/// Feeds `wire` to the response parser and the body's framing `read`
+/// bytes at a time, as reads would deliver it, and returns how many body
+/// bytes came out; `None` if the response was refused. For the fuzz
+/// target (`fuzz/fuzz_targets/upstream_response.rs`), which checks that no
+/// input panics, loops or yields more than it was given.
+#[doc(hidden)]
+pub fn feed_response(wire: &[u8], head_request: bool, read: usize) -> Option<usize> {
+    feed(wire, head_request, read).ok()
+}
+
+fn feed(wire: &[u8], head_request: bool, read: usize) -> Result<usize, ExchangeError> {
+    let method = if head_request {
+        Method::HEAD
+    } else {
+        Method::GET
+    };
+    let mut reads = wire.chunks(read.max(1));
+    let mut input = BytesMut::new();
+    let mut framing = None;
+    let mut body = 0;
+    loop {
+        match &mut framing {
+            None => {
+                if let Some(head) = final_head(&mut input, &method, &mut false)? {
+                    framing = Some(head.framing);
+                    continue;
+                }
+            }
+            Some(framing) => match framing.step(&mut input)? {
+                Step::Data(bytes) => {
+                    body += bytes.len();
+                    continue;
+                }
+                Step::Trailers(_) | Step::End => return Ok(body),
+                Step::More => {}
+            },
+        }
+        match reads.next() {
+            Some(bytes) => input.extend_from_slice(bytes),
+            None if framing == Some(Framing::UntilClose) => return Ok(body),
+            None => return Err(ExchangeError::Truncated),
+        }
+    }
 }
 
 /// A response head and how its body is delimited.

@@ -20,6 +20,9 @@ mod quiet;
 mod routes;
 mod watched;
 
+#[doc(hidden)]
+pub use exchange::feed_response;
+
 use std::convert::Infallible;
 use std::io;
 use std::net::IpAddr;
