@@ -34,7 +34,7 @@ use hyper::{Method, Response, StatusCode, Version};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use super::headers::{is_hop_by_hop, tokens};
+use super::headers::is_hop_by_hop;
 use super::proxy::BoxError;
 
 /// Most fields in a response head (hyper's limit too).
@@ -319,7 +319,8 @@ fn parse_head(input: &mut BytesMut, method: &Method) -> Result<Option<Head>, Exc
     };
     // Where each field's name and value are in the head: the values are
     // cut from it once it is split off the input. (A zeroed array of a
-    // hundred would cost more than this allocation.)
+    // hundred would cost more than this allocation.) The fields about the
+    // connection and the body's length are read on the way.
     let start = input.as_ptr() as usize;
     let span = |field: &[u8]| match field.is_empty() {
         true => (0, 0),
@@ -329,24 +330,29 @@ fn parse_head(input: &mut BytesMut, method: &Method) -> Result<Option<Head>, Exc
             (from, from + field.len())
         }
     };
-    let spans: Vec<_> = parsed
-        .headers
-        .iter()
-        .map(|field| (span(field.name.as_bytes()), span(field.value)))
-        .collect();
+    let mut own = OwnFields::default();
+    let mut spans = Vec::with_capacity(parsed.headers.len());
+    for field in parsed.headers.iter() {
+        let kind = OwnField::of(field.name);
+        if let Some(kind) = kind {
+            own.read(kind, field.value)?;
+        }
+        spans.push((span(field.name.as_bytes()), span(field.value), kind));
+    }
     let head = input.split_to(length).freeze();
     let mut headers = HeaderMap::with_capacity(spans.len());
-    for ((name_from, name_to), (value_from, value_to)) in spans {
+    for ((name_from, name_to), (value_from, value_to), kind) in spans {
+        if kind.is_some_and(|kind| !own.passes(kind)) {
+            continue;
+        }
         let name = HeaderName::from_bytes(&head[name_from..name_to])
             .map_err(|_| ExchangeError::Invalid("header field name"))?;
         let value = HeaderValue::from_maybe_shared(head.slice(value_from..value_to))
             .map_err(|_| ExchangeError::Invalid("header field value"))?;
         headers.append(name, value);
     }
-    let (framing, length_known) = framing(method, status, &mut headers)?;
-    let keep_alive = length_known
-        && version == Version::HTTP_11
-        && !tokens(&headers, header::CONNECTION).any(|t| t.eq_ignore_ascii_case("close"));
+    let (framing, length_known) = own.framing(method, status);
+    let keep_alive = length_known && version == Version::HTTP_11 && !own.close;
     let mut parts = Response::new(()).into_parts().0;
     parts.status = status;
     parts.version = version;
@@ -358,42 +364,71 @@ fn parse_head(input: &mut BytesMut, method: &Method) -> Result<Option<Head>, Exc
     }))
 }
 
-/// How the body of a response to `method` with `status` is delimited, and
-/// whether its end is known without the connection closing. A
-/// Content-Length beside a Transfer-Encoding is dropped (RFC 9112 §6.3).
-fn framing(
-    method: &Method,
-    status: StatusCode,
-    headers: &mut HeaderMap,
-) -> Result<(Framing, bool), ExchangeError> {
-    if method == Method::HEAD
-        || status.is_informational()
-        || status == StatusCode::NO_CONTENT
-        || status == StatusCode::NOT_MODIFIED
-    {
-        return Ok((Framing::Length(0), true));
-    }
-    if headers.contains_key(header::TRANSFER_ENCODING) {
-        let chunked = tokens(headers, header::TRANSFER_ENCODING)
-            .last()
-            .is_some_and(|coding| coding.eq_ignore_ascii_case("chunked"));
-        let had_length = headers.remove(header::CONTENT_LENGTH).is_some();
-        return Ok(match chunked {
-            true => (Framing::Chunked(Chunk::Size), !had_length),
-            false => (Framing::UntilClose, false),
-        });
-    }
-    match content_length(headers)? {
-        Some(length) => Ok((Framing::Length(length), true)),
-        None => Ok((Framing::UntilClose, false)),
+/// The fields the exchange itself acts on: the body's length and the
+/// connection's own fields (RFC 9110 §7.6.1), which are consumed here
+/// rather than passed on (`strip_hop_by_hop` in `proxy.rs` removes what is
+/// left, such as the fields a `Connection` names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OwnField {
+    ContentLength,
+    TransferEncoding,
+    Connection,
+    KeepAlive,
+    ProxyConnection,
+}
+
+impl OwnField {
+    fn of(name: &str) -> Option<Self> {
+        let is = |known: &str| name.eq_ignore_ascii_case(known);
+        match name.len() {
+            10 if is("connection") => Some(Self::Connection),
+            10 if is("keep-alive") => Some(Self::KeepAlive),
+            14 if is("content-length") => Some(Self::ContentLength),
+            16 if is("proxy-connection") => Some(Self::ProxyConnection),
+            17 if is("transfer-encoding") => Some(Self::TransferEncoding),
+            _ => None,
+        }
     }
 }
 
-/// The Content-Length, when present; every value must be the same number.
-fn content_length(headers: &HeaderMap) -> Result<Option<u64>, ExchangeError> {
-    let mut length = None;
-    for value in headers.get_all(header::CONTENT_LENGTH) {
-        for number in value.as_bytes().split(|&b| b == b',') {
+/// What a response's own fields say.
+#[derive(Debug, Default)]
+struct OwnFields {
+    /// The Content-Length; every value must be the same number.
+    length: Option<u64>,
+    /// Whether the last transfer coding is chunked, when there is one.
+    chunked: Option<bool>,
+    /// `Connection: close`.
+    close: bool,
+    /// `Connection` names other fields: it stays, for those to be removed.
+    names_fields: bool,
+}
+
+impl OwnFields {
+    fn read(&mut self, field: OwnField, value: &[u8]) -> Result<(), ExchangeError> {
+        match field {
+            OwnField::ContentLength => self.read_length(value)?,
+            OwnField::TransferEncoding => {
+                for coding in list(value) {
+                    self.chunked = Some(coding.eq_ignore_ascii_case(b"chunked"));
+                }
+            }
+            OwnField::Connection => {
+                for option in list(value) {
+                    if option.eq_ignore_ascii_case(b"close") {
+                        self.close = true;
+                    } else if !option.eq_ignore_ascii_case(b"keep-alive") {
+                        self.names_fields = true;
+                    }
+                }
+            }
+            OwnField::KeepAlive | OwnField::ProxyConnection => {}
+        }
+        Ok(())
+    }
+
+    fn read_length(&mut self, value: &[u8]) -> Result<(), ExchangeError> {
+        for number in value.split(|&b| b == b',') {
             let number = number.trim_ascii();
             let parsed = match number.is_empty() || !number.iter().all(u8::is_ascii_digit) {
                 true => None,
@@ -401,14 +436,51 @@ fn content_length(headers: &HeaderMap) -> Result<Option<u64>, ExchangeError> {
                     .ok()
                     .and_then(|n| n.parse::<u64>().ok()),
             };
-            match (parsed, length) {
+            match (parsed, self.length) {
                 (Some(n), Some(seen)) if n == seen => {}
-                (Some(n), None) => length = Some(n),
+                (Some(n), None) => self.length = Some(n),
                 _ => return Err(ExchangeError::Invalid("content-length")),
             }
         }
+        Ok(())
     }
-    Ok(length)
+
+    /// Whether the field goes on with the message: a Content-Length only
+    /// without a Transfer-Encoding (RFC 9112 §6.3), a `Connection` only
+    /// when it names other fields.
+    fn passes(&self, field: OwnField) -> bool {
+        match field {
+            OwnField::ContentLength => self.chunked.is_none(),
+            OwnField::Connection => self.names_fields,
+            OwnField::TransferEncoding | OwnField::KeepAlive | OwnField::ProxyConnection => false,
+        }
+    }
+
+    /// How the body of a response to `method` with `status` is delimited,
+    /// and whether its end is known without the connection closing.
+    fn framing(&self, method: &Method, status: StatusCode) -> (Framing, bool) {
+        if method == Method::HEAD
+            || status.is_informational()
+            || status == StatusCode::NO_CONTENT
+            || status == StatusCode::NOT_MODIFIED
+        {
+            return (Framing::Length(0), true);
+        }
+        match (self.chunked, self.length) {
+            (Some(true), length) => (Framing::Chunked(Chunk::Size), length.is_none()),
+            (Some(false), _) | (None, None) => (Framing::UntilClose, false),
+            (None, Some(length)) => (Framing::Length(length), true),
+        }
+    }
+}
+
+/// The elements of a comma-separated field value, trimmed; empty ones
+/// skipped.
+fn list(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value
+        .split(|&b| b == b',')
+        .map(<[u8]>::trim_ascii)
+        .filter(|element| !element.is_empty())
 }
 
 /// Where a response body is.
@@ -792,6 +864,30 @@ mod tests {
                 "{bad:?}"
             );
         }
+    }
+
+    #[test]
+    fn the_connections_own_fields_are_consumed() {
+        let parsed = head(
+            "HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\n\
+             Proxy-Connection: x\r\nContent-Length: 0\r\nX-Other: 1\r\n\r\n",
+            &Method::GET,
+        )
+        .unwrap()
+        .unwrap();
+        let names: Vec<_> = parsed.parts.headers.keys().map(|n| n.as_str()).collect();
+        assert_eq!(names, ["content-length", "x-other"]);
+        assert!(parsed.keep_alive);
+        // Naming another field, Connection stays for strip_hop_by_hop.
+        let parsed = head(
+            "HTTP/1.1 200 OK\r\nConnection: close, X-Private\r\nX-Private: 1\r\n\
+             Content-Length: 0\r\n\r\n",
+            &Method::GET,
+        )
+        .unwrap()
+        .unwrap();
+        assert!(parsed.parts.headers.contains_key(header::CONNECTION));
+        assert!(!parsed.keep_alive);
     }
 
     #[test]
