@@ -185,23 +185,35 @@ fn register_raw(addr: std::net::SocketAddr) -> Value {
     json!({"address": addr.ip().to_string(), "port": addr.port(), "ports": {"http": addr.port()}})
 }
 
+/// muster on ORDERS with the route's `timeout` and no route retries (so
+/// only the upstream pool can send a request again), in front of a raw
+/// upstream (`serve`) registered as the orders instance.
+async fn without_retries_before<F, Fut>(timeout: &str, serve: F) -> (Muster, Counts)
+where
+    F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let to = format!("timeout = \"{timeout}\"\nretries = 0");
+    let muster = start_with(with_gateway(&orders_with("timeout = \"500ms\"", &to))).await;
+    let (addr, counts) = raw_upstream(serve).await;
+    muster
+        .register_ok("orders", "o-1", register_raw(addr))
+        .await;
+    (muster, counts)
+}
+
 #[tokio::test]
 async fn a_kept_alive_connection_the_upstream_closed_is_not_reused() {
     use tokio::io::AsyncWriteExt;
-    // No route retries: only the pool's handling of a dead kept-alive
-    // connection (skip it, or resend what it never sent) can save a request.
-    let toml = orders_with("timeout = \"500ms\"", "timeout = \"500ms\"\nretries = 0");
-    let muster = start_with(with_gateway(&toml)).await;
-    // One request per connection, then a close the response did not announce.
-    let (addr, counts) = raw_upstream(|mut stream| async move {
+    // Only the pool's handling of a dead kept-alive connection (skip it,
+    // or resend what it never sent) can save a request. One request per
+    // connection, then a close the response did not announce.
+    let (muster, counts) = without_retries_before("500ms", |mut stream| async move {
         if read_head(&mut stream).await.is_some() {
             let _ = stream.write_all(OK_REPLY).await;
         }
     })
     .await;
-    muster
-        .register_ok("orders", "o-1", register_raw(addr))
-        .await;
     for round in 1..=10 {
         let response = muster
             .http
@@ -242,9 +254,7 @@ async fn fetch(
 #[tokio::test]
 async fn chunked_interim_head_and_close_delimited_responses_pass_through() {
     use tokio::io::AsyncWriteExt;
-    let toml = orders_with("timeout = \"500ms\"", "timeout = \"2s\"\nretries = 0");
-    let muster = start_with(with_gateway(&toml)).await;
-    let (addr, counts) = raw_upstream(|mut stream| async move {
+    let (muster, counts) = without_retries_before("2s", |mut stream| async move {
         while let Some(head) = read_head(&mut stream).await {
             let reply: &[u8] = if head.starts_with("HEAD ") {
                 b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n"
@@ -264,9 +274,6 @@ async fn chunked_interim_head_and_close_delimited_responses_pass_through() {
         }
     })
     .await;
-    muster
-        .register_ok("orders", "o-1", register_raw(addr))
-        .await;
     let (status, body, _) = fetch(&muster, reqwest::Method::GET, "/api/orders/chunked").await;
     assert_eq!((status, body.as_str()), (200, "chunked"));
     // The upstream's trailers reach an HTTP/2 client.
@@ -366,21 +373,15 @@ async fn a_malformed_upstream_response_is_a_502_and_the_gateway_serves_on() {
 #[tokio::test]
 async fn a_get_the_upstream_dropped_unanswered_goes_again_and_a_post_does_not() {
     use tokio::io::AsyncWriteExt;
-    // No route retries: only the pool can send the request again.
-    let toml = orders_with("timeout = \"500ms\"", "timeout = \"2s\"\nretries = 0");
-    let muster = start_with(with_gateway(&toml)).await;
     // Answers the first request on a connection; closes on the second
     // without a word, as an upstream whose keep-alive timer just ran out.
-    let (addr, counts) = raw_upstream(|mut stream| async move {
+    let (muster, counts) = without_retries_before("2s", |mut stream| async move {
         if read_head(&mut stream).await.is_some() {
             let _ = stream.write_all(OK_REPLY).await;
             let _ = read_head(&mut stream).await;
         }
     })
     .await;
-    muster
-        .register_ok("orders", "o-1", register_raw(addr))
-        .await;
     for round in 1..=2 {
         let (status, body, _) = fetch(&muster, reqwest::Method::GET, "/api/orders/1").await;
         assert_eq!((status, body.as_str()), (200, "ok"), "GET {round}");
@@ -398,14 +399,12 @@ async fn a_get_the_upstream_dropped_unanswered_goes_again_and_a_post_does_not() 
 #[tokio::test]
 async fn an_unanswered_get_goes_again_only_once() {
     use tokio::io::AsyncWriteExt;
-    let toml = orders_with("timeout = \"500ms\"", "timeout = \"2s\"\nretries = 0");
-    let muster = start_with(with_gateway(&toml)).await;
     // Answers the first two requests once both have arrived (so they hold
     // a connection each), then closes on every request without a word.
     let heads = std::sync::Arc::new(AtomicUsize::new(0));
     let both = std::sync::Arc::new(tokio::sync::Barrier::new(2));
     let seen = heads.clone();
-    let (addr, counts) = raw_upstream(move |mut stream| {
+    let (muster, counts) = without_retries_before("2s", move |mut stream| {
         let (heads, both) = (seen.clone(), both.clone());
         async move {
             while read_head(&mut stream).await.is_some() {
@@ -418,9 +417,6 @@ async fn an_unanswered_get_goes_again_only_once() {
         }
     })
     .await;
-    muster
-        .register_ok("orders", "o-1", register_raw(addr))
-        .await;
     let (first, second) = tokio::join!(
         fetch(&muster, reqwest::Method::GET, "/api/orders/1"),
         fetch(&muster, reqwest::Method::GET, "/api/orders/2"),
