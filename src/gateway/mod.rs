@@ -163,6 +163,9 @@ pub struct Gateway {
     outliers: Outliers,
     ids: Ids,
     metrics: Arc<Metrics>,
+    /// `-`, the route and service of a request no route matched (shared,
+    /// not allocated per request).
+    unnamed: Arc<str>,
 }
 
 impl Gateway {
@@ -196,6 +199,7 @@ impl Gateway {
                 gateway.eject_max,
             ),
             ids: Ids::default(),
+            unnamed: "-".into(),
             metrics,
         })
     }

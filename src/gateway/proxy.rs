@@ -126,9 +126,9 @@ pub async fn handle(
     let policy = gateway.policy.load_full();
     let mut completion = Completion {
         gateway: gateway.clone(),
-        route: "-".into(),
+        route: gateway.unnamed.clone(),
         meters: None,
-        service: "-".into(),
+        service: gateway.unnamed.clone(),
         instance: None,
         status: 0,
         method: request.method().clone(),
