@@ -6,6 +6,7 @@
 //! Every other event, and
 //! every event on a colour terminal, goes to the default format.
 
+use std::cell::Cell;
 use std::fmt::{self, Write as _};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -174,27 +175,46 @@ fn write_thousandths(line: &mut String, value: f64) {
 }
 
 /// `2026-11-26T15:50:23.399980Z`: RFC 3339 in UTC with microseconds, as
-/// tracing-subscriber's default timer prints it.
+/// tracing-subscriber's default timer prints it. The date and time of day
+/// are written once a second per thread; a line writes its microseconds.
 fn timestamp(now: SystemTime) -> [u8; 27] {
+    thread_local! {
+        static SECOND: Cell<Option<(u64, [u8; 27])>> = const { Cell::new(None) };
+    }
     let since = now.duration_since(UNIX_EPOCH).unwrap_or_default();
     let seconds = since.as_secs();
+    let mut text = SECOND.with(|cached| match cached.get() {
+        Some((second, text)) if second == seconds => text,
+        _ => {
+            let text = second_stamp(seconds);
+            cached.set(Some((seconds, text)));
+            text
+        }
+    });
+    put_digits(&mut text[20..26], u64::from(since.subsec_micros()));
+    text
+}
+
+/// The timestamp of whole second `seconds` after the epoch.
+fn second_stamp(seconds: u64) -> [u8; 27] {
     let (year, month, day) = civil_date(seconds / 86_400);
     let of_day = seconds % 86_400;
     let mut text = *b"0000-00-00T00:00:00.000000Z";
-    let mut put = |at: usize, width: usize, mut value: u64| {
-        for digit in text[at..at + width].iter_mut().rev() {
-            *digit = b'0' + (value % 10) as u8;
-            value /= 10;
-        }
-    };
-    put(0, 4, year);
-    put(5, 2, month);
-    put(8, 2, day);
-    put(11, 2, of_day / 3600);
-    put(14, 2, of_day / 60 % 60);
-    put(17, 2, of_day % 60);
-    put(20, 6, u64::from(since.subsec_micros()));
+    put_digits(&mut text[0..4], year);
+    put_digits(&mut text[5..7], month);
+    put_digits(&mut text[8..10], day);
+    put_digits(&mut text[11..13], of_day / 3600);
+    put_digits(&mut text[14..16], of_day / 60 % 60);
+    put_digits(&mut text[17..19], of_day % 60);
     text
+}
+
+/// Writes `value`'s last `digits.len()` decimal digits, zero-padded.
+fn put_digits(digits: &mut [u8], mut value: u64) {
+    for digit in digits.iter_mut().rev() {
+        *digit = b'0' + (value % 10) as u8;
+        value /= 10;
+    }
 }
 
 /// The proleptic Gregorian date `days` after 1970-01-01, by counting
@@ -333,6 +353,11 @@ mod tests {
     fn timestamps_are_rfc3339_with_microseconds() {
         let at = UNIX_EPOCH + std::time::Duration::new(1_795_708_223, 399_980_123);
         assert_eq!(&timestamp(at), b"2026-11-26T15:50:23.399980Z");
+        // The same second again, from the thread's kept one.
+        let later = at + std::time::Duration::from_micros(7);
+        assert_eq!(&timestamp(later), b"2026-11-26T15:50:23.399987Z");
+        let next = at + std::time::Duration::from_secs(1);
+        assert_eq!(&timestamp(next), b"2026-11-26T15:50:24.399980Z");
         assert_eq!(&timestamp(UNIX_EPOCH), b"1970-01-01T00:00:00.000000Z");
     }
 
