@@ -16,9 +16,13 @@
 //! is not (a Content-Length beside either is dropped); else the
 //! Content-Length (several values must agree); else until the upstream
 //! closes. Interim 1xx responses are skipped. Trailers are passed on as
-//! a trailers frame. A connection is kept only for an HTTP/1.1 response without
-//! `Connection: close` whose length it knew, read to the end with nothing
-//! after it.
+//! a trailers frame, less the fields that may not be trailers. The
+//! connection's own fields (`Connection` when it names no other field,
+//! `Keep-Alive`, `Transfer-Encoding`, `Proxy-Connection`) are consumed
+//! here, not passed on. A connection is kept only for an HTTP/1.1
+//! response without `Connection: close` whose length it knew, read to the
+//! end with nothing after it; an unanswered request on a kept connection
+//! is [`ExchangeError::is_stale`].
 
 use std::future::poll_fn;
 use std::io;
@@ -39,8 +43,7 @@ use super::proxy::BoxError;
 
 /// Most fields in a response head (hyper's limit too).
 const MAX_FIELDS: usize = 100;
-/// Longest response head; also the longest chunk-size line or trailer
-/// section.
+/// Longest response head, and longest trailer section.
 const MAX_HEAD: usize = 64 * 1024;
 /// Room made in the input buffer before a read, at first; a read that
 /// fills it doubles it, up to [`MAX_READ_ROOM`], so a large body goes in
