@@ -244,8 +244,7 @@ async fn forward(
         }
     }
     let Some(path) = route.upstream_path(&parts.uri) else {
-        let failure = Failure::new(StatusCode::BAD_GATEWAY, "cannot address the upstream");
-        return Err((failure, None));
+        return Err(unaddressable(None));
     };
     let attempts = if replayable { 1 + route.retries } else { 1 };
     let mut bare = match &upstream.client {
@@ -273,18 +272,15 @@ async fn forward(
         let backend = &backends[chosen];
         tried.push(backend.key.clone());
         let stats = &backend.stats;
+        let instance = || Some(backend.key.clone());
+        // Counted in flight from here: an early return drops the count.
+        let in_flight = InFlight::start(stats);
         let sent = match &mut bare {
             Some(bare) => {
                 if !bare.address(&backend.authority) {
-                    let failure =
-                        Failure::new(StatusCode::BAD_GATEWAY, "cannot address the upstream");
-                    return Err((failure, Some(backend.key.clone())));
+                    return Err(unaddressable(instance()));
                 }
-                let in_flight = InFlight::start(stats);
-                let sending = bare.send(&backend.authority);
-                let sent = tokio::time::timeout(route.timeout, sending).await;
-                drop(in_flight);
-                sent
+                tokio::time::timeout(route.timeout, bare.send(&backend.authority)).await
             }
             None => {
                 let body = match body.take() {
@@ -306,17 +302,13 @@ async fn forward(
                     body,
                 );
                 let Some(outgoing) = outgoing else {
-                    let failure =
-                        Failure::new(StatusCode::BAD_GATEWAY, "cannot address the upstream");
-                    return Err((failure, Some(backend.key.clone())));
+                    return Err(unaddressable(instance()));
                 };
-                let in_flight = InFlight::start(stats);
                 let sending = upstream.client.send(&backend.authority, outgoing);
-                let sent = tokio::time::timeout(route.timeout, sending).await;
-                drop(in_flight);
-                sent
+                tokio::time::timeout(route.timeout, sending).await
             }
         };
+        drop(in_flight);
         let now = Instant::now();
         match sent {
             Err(_) => {
@@ -372,6 +364,13 @@ async fn forward(
             None,
         )),
     }
+}
+
+/// No URI or Host can be made for the upstream (of `instance`, once one
+/// was chosen).
+fn unaddressable(instance: Option<Arc<str>>) -> (Failure, Option<Arc<str>>) {
+    let failure = Failure::new(StatusCode::BAD_GATEWAY, "cannot address the upstream");
+    (failure, instance)
 }
 
 /// A request without a body to an HTTP/1 upstream, sent through the
