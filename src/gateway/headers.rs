@@ -271,9 +271,17 @@ impl Ids {
 /// zero.
 fn as_trace_id(id: &HeaderValue) -> Option<&[u8]> {
     let bytes = id.as_bytes();
-    let hex = |b: &u8| b.is_ascii_digit() || (b'a'..=b'f').contains(b);
-    (bytes.len() == 32 && bytes.iter().all(hex) && bytes.iter().any(|&b| b != b'0'))
-        .then_some(bytes)
+    is_trace_field(bytes, 32).then_some(bytes)
+}
+
+/// Whether `field` is a valid traceparent id of `len` digits: lowercase
+/// hex, not all zero.
+fn is_trace_field(field: &[u8], len: usize) -> bool {
+    field.len() == len
+        && field
+            .iter()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b))
+        && field.iter().any(|&b| b != b'0')
 }
 
 /// `n` as 16 lowercase hex digits into `out`.
@@ -294,16 +302,10 @@ fn parse_traceparent(value: &str) -> Option<(&str, &str)> {
     let mut parts = value.trim().split('-');
     let (version, trace, parent, flags) =
         (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
-    let hex = |s: &str, len: usize| {
-        s.len() == len
-            && s.bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-            && s.bytes().any(|b| b != b'0')
-    };
     (version == "00"
         && parts.next().is_none()
-        && hex(trace, 32)
-        && hex(parent, 16)
+        && is_trace_field(trace.as_bytes(), 32)
+        && is_trace_field(parent.as_bytes(), 16)
         && flags.len() == 2)
         .then_some((trace, flags))
 }
