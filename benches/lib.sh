@@ -85,13 +85,21 @@ CONF
 }
 
 # backend_conf PORT: $work/backend/nginx.conf, the backend the gateway
-# benches proxy to: every request answered with the same 230-byte body.
+# benches proxy to: every request answered with the same 230-byte body, or
+# with a file of RESPONSE_BYTES bytes when that is set (bulk bodies).
 backend_conf() {
-  local body
-  body=$(printf 'x%.0s' $(seq 1 230))
+  local body answer
+  if [ -n "${RESPONSE_BYTES:-}" ]; then
+    mkdir -p "$work/files"
+    head -c "$RESPONSE_BYTES" /dev/zero >"$work/files/bench"
+    answer="root $work/files; default_type application/octet-stream;"
+  else
+    body=$(printf 'x%.0s' $(seq 1 230))
+    answer="default_type text/plain; return 200 '$body';"
+  fi
   nginx_conf backend "access_log off;
   keepalive_requests 1000000;
-  server { listen 127.0.0.1:$1; location / { default_type text/plain; return 200 '$body'; } }"
+  server { listen 127.0.0.1:$1; location / { $answer } }"
 }
 
 # gateway_toml FILE API_LISTEN GATEWAY_PORT: a muster config
