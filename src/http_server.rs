@@ -5,23 +5,31 @@
 //! idle h2c connections are not timed out),
 //! HTTP/1.1 and h2c with upgrades,
 //! and on shutdown no new connections and a drain of those open, bounded by
-//! `drain`. It owns no routing: each connection gets the service that
-//! `service_for` makes for its peer.
+//! `drain`. Plain HTTP/1.1 requests (no body, no upgrade) are served by
+//! muster's own HTTP/1.1 server (`h1`), everything else by hyper. It owns
+//! no routing: each connection gets the service that `service_for` makes
+//! for its peer.
 
+mod h1;
+
+use std::convert::Infallible;
 use std::error::Error as StdError;
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use bytes::Bytes;
 use hyper::body::{Body, Incoming};
-use hyper::service::Service;
+use hyper::header::HeaderValue;
+use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
@@ -34,20 +42,28 @@ pub struct Limits {
     pub drain: Duration,
 }
 
-type BoxError = Box<dyn StdError + Send + Sync>;
+pub type BoxError = Box<dyn StdError + Send + Sync>;
 
 /// What an h2c client sends first.
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
+/// The protocol a connection's first bytes show.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Shown {
+    Http1,
+    H2c,
+}
+
 /// Waits until the first bytes on `stream` tell HTTP/1 from h2c (they
 /// stop matching the HTTP/2 preface, or hold all of it), without reading
-/// them; `false` when the peer closed first.
-async fn version_shown(stream: &TcpStream) -> bool {
+/// them; `None` when the peer closed first.
+async fn version_shown(stream: &TcpStream) -> Option<Shown> {
     let mut first = [0u8; H2_PREFACE.len()];
     loop {
         match stream.peek(&mut first).await {
-            Ok(0) | Err(_) => return false,
-            Ok(n) if n == first.len() || first[..n] != H2_PREFACE[..n] => return true,
+            Ok(0) | Err(_) => return None,
+            Ok(n) if first[..n] != H2_PREFACE[..n] => return Some(Shown::Http1),
+            Ok(n) if n == first.len() => return Some(Shown::H2c),
             // Part of the preface: `peek` would return at once with the
             // same bytes, so look again a little later.
             Ok(_) => tokio::time::sleep(Duration::from_millis(5)).await,
@@ -72,22 +88,37 @@ impl ConnectionSlot {
     }
 }
 
+/// A field value httparse has parsed, sharing its bytes, without checking
+/// them again.
+pub(crate) fn parsed_field_value(value: Bytes) -> HeaderValue {
+    // SAFETY: httparse allows in a field value only HTAB, SP to `~` and
+    // 0x80 to 0xFF, exactly the bytes a `HeaderValue` may hold (hyper
+    // relies on the same; `h1`'s tests check every byte).
+    unsafe { HeaderValue::from_maybe_shared_unchecked(value) }
+}
+
+/// What answers a connection's requests, whichever server read them:
+/// hyper (a body of type `Incoming`) or muster's own (`h1::PlainBody`).
+/// The future is the handler's own type, not boxed.
+pub trait Handler: Clone + Send + Sync + 'static {
+    type Body: Body<Data: Send, Error: Into<BoxError>> + Send + 'static;
+
+    fn handle<B>(&self, request: Request<B>) -> impl Future<Output = Response<Self::Body>> + Send
+    where
+        B: Body<Data = Bytes, Error: Into<BoxError>> + Send + Sync + 'static;
+}
+
 /// Serves `listener` until `shutdown`; `what` names the server in logs.
-pub async fn serve<F, S, B>(
+pub async fn serve<F, H>(
     listener: TcpListener,
     limits: Limits,
     shutdown: CancellationToken,
     what: &'static str,
-    mut service_for: F,
+    mut handler_for: F,
 ) -> io::Result<()>
 where
-    F: FnMut(SocketAddr, &ConnectionSlot) -> S,
-    S: Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    B: Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
+    F: FnMut(SocketAddr, &ConnectionSlot) -> H,
+    H: Handler,
 {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -97,6 +128,9 @@ where
         .header_read_timeout(limits.header_read_timeout);
     builder.http2().timer(TokioTimer::new());
     let graceful = GracefulShutdown::new();
+    // Every connection's task holds a sender: when all are dropped, every
+    // connection has ended (hyper's and muster's own alike).
+    let (open, mut all_closed) = mpsc::channel::<()>(1);
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     loop {
         let permit = tokio::select! {
@@ -115,22 +149,32 @@ where
         };
         let _ = stream.set_nodelay(true);
         let slot = ConnectionSlot::new(permit);
-        let (builder, service) = (builder.clone(), service_for(peer, &slot));
+        let (builder, handler) = (builder.clone(), handler_for(peer, &slot));
         let (watcher, shutdown) = (graceful.watcher(), shutdown.clone());
-        let first_bytes = limits.header_read_timeout;
+        let (open, head_timeout) = (open.clone(), limits.header_read_timeout);
         tokio::spawn(async move {
+            let _open = open;
             // The h2c check reads the first bytes with no timer of its own:
             // a client that sends nothing, or part of the HTTP/2 preface,
             // would hold its slot for good.
-            let arrived = tokio::select! {
-                shown = tokio::time::timeout(first_bytes, version_shown(&stream)) => {
-                    shown.unwrap_or(false)
+            let shown = tokio::select! {
+                shown = tokio::time::timeout(head_timeout, version_shown(&stream)) => {
+                    shown.ok().flatten()
                 }
-                () = shutdown.cancelled() => false,
+                () = shutdown.cancelled() => None,
             };
-            if arrived {
+            let io = match shown {
+                Some(Shown::Http1) => h1::serve(stream, &handler, head_timeout, &shutdown).await,
+                Some(Shown::H2c) => Some(h1::Prefixed::new(stream, Bytes::new())),
+                None => None,
+            };
+            if let Some(io) = io {
+                let service = service_fn(move |request: Request<Incoming>| {
+                    let handler = handler.clone();
+                    async move { Ok::<_, Infallible>(handler.handle(request).await) }
+                });
                 let connection = builder
-                    .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                    .serve_connection_with_upgrades(TokioIo::new(io), service)
                     .into_owned();
                 let _ = watcher.watch(connection).await;
             }
@@ -138,10 +182,12 @@ where
         });
     }
     drop(listener);
-    if tokio::time::timeout(limits.drain, graceful.shutdown())
-        .await
-        .is_err()
-    {
+    drop(open);
+    let drained = async {
+        graceful.shutdown().await;
+        let _ = all_closed.recv().await;
+    };
+    if tokio::time::timeout(limits.drain, drained).await.is_err() {
         warn!(server = what, "connections did not finish in time");
     }
     Ok(())
@@ -149,25 +195,29 @@ where
 
 #[cfg(test)]
 mod tests {
-    use std::convert::Infallible;
-
-    use bytes::Bytes;
     use http_body_util::Full;
-    use hyper::service::service_fn;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpStream;
 
     use super::*;
 
+    /// Answers `hi` to any request, whichever server read it.
+    #[derive(Clone)]
+    struct Hello;
+
+    impl Handler for Hello {
+        type Body = Full<Bytes>;
+
+        async fn handle<B>(&self, _request: Request<B>) -> Response<Full<Bytes>> {
+            Response::new(Full::new(Bytes::from_static(b"hi")))
+        }
+    }
+
     /// A server answering `hi` under `limits`, and where it listens.
     async fn hello(limits: Limits, shutdown: CancellationToken) -> SocketAddr {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        tokio::spawn(serve(listener, limits, shutdown, "test", |_, _| {
-            service_fn(|_request| async {
-                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"hi"))))
-            })
-        }));
+        tokio::spawn(serve(listener, limits, shutdown, "test", |_, _| Hello));
         addr
     }
 

@@ -83,9 +83,36 @@ pub async fn serve(
         drain: DRAIN,
     };
     http_server::serve(listener, limits, shutdown, "api", |_peer, _slot| {
-        TowerToHyperService::new(router.clone())
+        ApiHandler(TowerToHyperService::new(router.clone()))
     })
     .await
+}
+
+/// The router, as the HTTP servers call it.
+#[derive(Clone)]
+struct ApiHandler(TowerToHyperService<Router>);
+
+impl http_server::Handler for ApiHandler {
+    type Body = axum::body::Body;
+
+    fn handle<B>(
+        &self,
+        request: axum::http::Request<B>,
+    ) -> impl Future<Output = axum::http::Response<axum::body::Body>> + Send
+    where
+        B: hyper::body::Body<Data = bytes::Bytes, Error: Into<http_server::BoxError>>
+            + Send
+            + Sync
+            + 'static,
+    {
+        let routed = hyper::service::Service::call(&self.0, request);
+        async move {
+            match routed.await {
+                Ok(response) => response,
+                Err(never) => match never {},
+            }
+        }
+    }
 }
 
 /// Prometheus metrics in the OpenMetrics text format.

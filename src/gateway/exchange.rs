@@ -40,6 +40,7 @@ use tokio::net::TcpStream;
 
 use super::headers::is_hop_by_hop;
 use super::proxy::BoxError;
+use crate::http_server::parsed_field_value;
 
 /// Most fields in a response head (hyper's limit too).
 const MAX_FIELDS: usize = 100;
@@ -359,8 +360,7 @@ fn parse_head(input: &mut BytesMut, method: &Method) -> Result<Option<Head>, Exc
         }
         let name = HeaderName::from_bytes(&head[name_from..name_to])
             .map_err(|_| ExchangeError::Invalid("header field name"))?;
-        let value = HeaderValue::from_maybe_shared(head.slice(value_from..value_to))
-            .map_err(|_| ExchangeError::Invalid("header field value"))?;
+        let value = parsed_field_value(head.slice(value_from..value_to));
         headers.append(name, value);
     }
     let (framing, length_known) = own.framing(method, status);

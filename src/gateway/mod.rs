@@ -23,16 +23,17 @@ mod watched;
 #[doc(hidden)]
 pub use exchange::feed_response;
 
-use std::convert::Infallible;
+use std::future::Future;
 use std::io;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use bytes::Bytes;
 use http_body_util::BodyExt;
+use hyper::body::Body as HttpBody;
 use hyper::http::uri::Authority;
-use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -44,7 +45,7 @@ use tokio_util::sync::CancellationToken;
 pub use routes::validate_route;
 
 use crate::config::{Config, GatewayConfig, UpstreamProtocol};
-use crate::http_server::{self, ConnectionSlot};
+use crate::http_server::{self, ConnectionSlot, Handler};
 use crate::registry::Registry;
 use crate::telemetry::{Metrics, RouteMeters, UpstreamError};
 use balance::{Backend, Outliers, Picker};
@@ -257,15 +258,33 @@ pub async fn serve(
         drain: DRAIN,
     };
     http_server::serve(listener, limits, shutdown, "gateway", |peer, slot| {
-        let gateway = gateway.clone();
-        let client = Arc::new(ClientConnection {
-            peer: Peer::new(peer.ip()),
-            slot: slot.clone(),
-        });
-        service_fn(move |request| {
-            let (gateway, client) = (gateway.clone(), client.clone());
-            async move { Ok::<_, Infallible>(proxy::handle(gateway, client, request).await) }
-        })
+        FrontDoor {
+            gateway: gateway.clone(),
+            client: Arc::new(ClientConnection {
+                peer: Peer::new(peer.ip()),
+                slot: slot.clone(),
+            }),
+        }
     })
     .await
+}
+
+/// One client connection's handler: every request through
+/// `proxy::handle`, whichever HTTP server read it (hyper, with its body, or
+/// muster's own for plain requests).
+#[derive(Clone)]
+struct FrontDoor {
+    gateway: Arc<Gateway>,
+    client: Arc<ClientConnection>,
+}
+
+impl Handler for FrontDoor {
+    type Body = Body;
+
+    fn handle<B>(&self, request: Request<B>) -> impl Future<Output = Response<Body>> + Send
+    where
+        B: HttpBody<Data = Bytes, Error: Into<BoxError>> + Send + Sync + 'static,
+    {
+        proxy::handle(self.gateway.clone(), self.client.clone(), request)
+    }
 }

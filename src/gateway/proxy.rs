@@ -7,7 +7,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Empty, Full};
-use hyper::body::{Body as HttpBody, Incoming};
+use hyper::body::Body as HttpBody;
 use hyper::header::{self, HeaderValue};
 use hyper::http::request::Parts;
 use hyper::http::uri::{Authority, PathAndQuery};
@@ -116,11 +116,15 @@ impl Completion {
 }
 
 /// Serves one request from `peer`.
-pub async fn handle(
+pub async fn handle<B>(
     gateway: Arc<Gateway>,
     client: Arc<ClientConnection>,
-    request: Request<Incoming>,
-) -> Response<Body> {
+    request: Request<B>,
+) -> Response<Body>
+where
+    B: HttpBody<Data = Bytes> + Send + Sync + 'static,
+    B::Error: Into<BoxError>,
+{
     let started = Instant::now();
     let request_id = gateway.ids.request_id(request.headers());
     let policy = gateway.policy.load_full();
@@ -174,7 +178,7 @@ pub async fn handle(
 }
 
 /// Host as the client addressed it (HTTP/1 Host or HTTP/2 authority).
-fn request_host(request: &Request<Incoming>) -> Option<&str> {
+fn request_host<B>(request: &Request<B>) -> Option<&str> {
     request
         .headers()
         .get(header::HOST)
@@ -190,7 +194,7 @@ pub(super) fn is_idempotent(method: &Method) -> bool {
 }
 
 /// An HTTP/1.1 request asking to switch protocols (WebSocket and the like).
-fn wants_upgrade(request: &Request<Incoming>) -> bool {
+fn wants_upgrade<B>(request: &Request<B>) -> bool {
     request.version() == Version::HTTP_11
         && request.headers().contains_key(header::UPGRADE)
         && tokens(request.headers(), header::CONNECTION).any(|t| t.eq_ignore_ascii_case("upgrade"))
@@ -198,14 +202,18 @@ fn wants_upgrade(request: &Request<Incoming>) -> bool {
 
 type Forwarded = Result<(Response<Body>, Arc<str>), (Failure, Option<Arc<str>>)>;
 
-async fn forward(
+async fn forward<B>(
     gateway: &Gateway,
     policy: &Policy,
     index: usize,
     client: &ClientConnection,
     request_id: HeaderValue,
-    mut request: Request<Incoming>,
-) -> Forwarded {
+    mut request: Request<B>,
+) -> Forwarded
+where
+    B: HttpBody<Data = Bytes> + Send + Sync + 'static,
+    B::Error: Into<BoxError>,
+{
     let route = &policy.table.routes()[index];
     let upstream = &policy.upstreams[index];
     let upgrade = wants_upgrade(&request);
@@ -284,7 +292,7 @@ async fn forward(
             }
             None => {
                 let body = match body.take() {
-                    Some(body) => body.map_err(BoxError::from).boxed(),
+                    Some(body) => body.map_err(Into::into).boxed(),
                     None => Empty::new().map_err(|never| match never {}).boxed(),
                 };
                 // Only an attempt that may be followed by another needs a copy.
