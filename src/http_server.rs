@@ -12,6 +12,9 @@
 
 mod h1;
 
+#[doc(hidden)]
+pub use h1::feed_requests;
+
 use std::convert::Infallible;
 use std::error::Error as StdError;
 use std::future::Future;

@@ -26,6 +26,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::error;
 
 pub use config::Config;
+#[doc(hidden)]
+pub use http_server::feed_requests;
 
 use crate::config::{ApiConfig, DnsConfig, GatewayConfig, StoreKind};
 use crate::dns::tls::{Certificates, TlsError};

@@ -120,9 +120,8 @@ pub async fn serve<H: Handler>(
 ) -> Option<Prefixed> {
     let mut connection = Connection {
         stream,
-        input: BytesMut::with_capacity(2 * READ_ROOM),
+        heads: Heads::new(),
         output: Vec::with_capacity(2 * READ_ROOM),
-        spans: Vec::new(),
         head_timer: Box::pin(tokio::time::sleep(header_read_timeout)),
     };
     // Waited on between requests; one future for the connection's life,
@@ -172,13 +171,9 @@ struct Plain {
 
 struct Connection {
     stream: TcpStream,
-    /// Read and not yet served.
-    input: BytesMut,
+    heads: Heads,
     /// The response being written.
     output: Vec<u8>,
-    /// Where each field of the head being parsed sits in it (kept for the
-    /// next request: no allocation per request).
-    spans: Vec<(HeaderName, usize, usize)>,
     /// Bounds the wait for a head. It is armed once and moved on only when
     /// it fires before the current head's deadline, rather than armed
     /// anew for every request (which cost about 600 instructions each).
@@ -193,17 +188,17 @@ impl Connection {
         mut stopping: Pin<&mut WaitForCancellationFutureOwned>,
     ) -> Result<Plain, NoPlain> {
         loop {
-            if !self.input.is_empty() {
-                match self.parse() {
+            if !self.heads.input.is_empty() {
+                match self.heads.parse() {
                     Ok(Some(plain)) => return Ok(plain),
-                    Ok(None) if self.input.len() < MAX_HEAD => {}
+                    Ok(None) if self.heads.input.len() < MAX_HEAD => {}
                     Ok(None) | Err(Other) => return Err(NoPlain::Other),
                 }
             }
-            let idle = self.input.is_empty();
-            self.input.reserve(READ_ROOM);
+            let idle = self.heads.input.is_empty();
+            self.heads.input.reserve(READ_ROOM);
             tokio::select! {
-                read = self.stream.read_buf(&mut self.input) => match read {
+                read = self.stream.read_buf(&mut self.heads.input) => match read {
                     Ok(0) | Err(_) => return Err(NoPlain::Gone),
                     Ok(_) => {}
                 },
@@ -218,104 +213,16 @@ impl Connection {
         }
     }
 
-    /// Parses the head at the front of the input, taking it off when
-    /// complete; `None` while it is not.
-    fn parse(&mut self) -> Result<Option<Plain>, Other> {
-        let mut fields = [const { MaybeUninit::<httparse::Header>::uninit() }; MAX_FIELDS];
-        let mut parsed = httparse::Request::new(&mut []);
-        let parser = httparse::ParserConfig::default();
-        let length =
-            match parser.parse_request_with_uninit_headers(&mut parsed, &self.input, &mut fields) {
-                Ok(httparse::Status::Complete(length)) => length,
-                Ok(httparse::Status::Partial) => return Ok(None),
-                Err(_) => return Err(Other),
-            };
-        let (Some(1), Some(method), Some(target)) = (parsed.version, parsed.method, parsed.path)
-        else {
-            return Err(Other);
-        };
-        let Ok(method) = Method::from_bytes(method.as_bytes()) else {
-            return Err(Other);
-        };
-        if method == Method::CONNECT || !target.starts_with('/') {
-            return Err(Other);
-        }
-        let start = self.input.as_ptr() as usize;
-        let span = |field: &[u8]| {
-            let from = field.as_ptr() as usize - start;
-            (from, from + field.len())
-        };
-        let target = span(target.as_bytes());
-        let mut close = false;
-        self.spans.clear();
-        for field in parsed.headers.iter() {
-            let Ok(name) = HeaderName::from_bytes(field.name.as_bytes()) else {
-                return Err(Other);
-            };
-            match Role::of(&name, field.value) {
-                Role::Plain => {}
-                Role::Close => close = true,
-                Role::NotPlain => return Err(Other),
-            }
-            let (from, to) = if field.value.is_empty() {
-                (0, 0)
-            } else {
-                span(field.value)
-            };
-            self.spans.push((name, from, to));
-        }
-        let head = self.input.split_to(length).freeze();
-        let Some(request) = self.request(method, &head, target) else {
-            // The head is off the input: hyper must see it again.
-            let mut whole = BytesMut::with_capacity(head.len() + self.input.len());
-            whole.extend_from_slice(&head);
-            whole.extend_from_slice(&self.input);
-            self.input = whole;
-            return Err(Other);
-        };
-        let head_only = request.method() == Method::HEAD;
-        Ok(Some(Plain {
-            request,
-            head_only,
-            close,
-        }))
-    }
-
-    /// The request whose head is `head`; `None` if its target is not one
-    /// `http` takes, or it names two hosts.
-    fn request(
-        &mut self,
-        method: Method,
-        head: &Bytes,
-        target: (usize, usize),
-    ) -> Option<Request<PlainBody>> {
-        let uri = Uri::from_maybe_shared(head.slice(target.0..target.1)).ok()?;
-        let mut headers = HeaderMap::with_capacity(self.spans.len() + FIELD_ROOM);
-        for (name, from, to) in self.spans.drain(..) {
-            let value = parsed_field_value(head.slice(from..to));
-            if name == header::HOST && headers.contains_key(header::HOST) {
-                return None;
-            }
-            headers.append(name, value);
-        }
-        let mut request = Request::new(Full::new(Bytes::new()));
-        *request.method_mut() = method;
-        *request.uri_mut() = uri;
-        *request.version_mut() = Version::HTTP_11;
-        *request.headers_mut() = headers;
-        Some(request)
-    }
-
     /// Resolves when the client closes its side, or the connection fails,
     /// while its request is being served. Bytes the client sends meanwhile
     /// (the next requests, pipelined) are kept, up to `MAX_HEAD`.
     async fn client_gone(&mut self) {
         loop {
-            if self.input.len() >= MAX_HEAD || self.stream.readable().await.is_err() {
+            if self.heads.input.len() >= MAX_HEAD || self.stream.readable().await.is_err() {
                 return std::future::pending().await;
             }
-            self.input.reserve(READ_ROOM);
-            match self.stream.try_read_buf(&mut self.input) {
+            self.heads.input.reserve(READ_ROOM);
+            match self.stream.try_read_buf(&mut self.heads.input) {
                 Ok(0) => return,
                 Ok(_) => {}
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
@@ -472,7 +379,140 @@ impl Connection {
     }
 
     fn hand_over(self) -> Prefixed {
-        Prefixed::new(self.stream, self.input.freeze())
+        Prefixed::new(self.stream, self.heads.input.freeze())
+    }
+}
+
+/// The request heads read from a connection and not yet served.
+struct Heads {
+    /// Read and not yet served.
+    input: BytesMut,
+    /// Where each field of the head being parsed sits in it (kept for the
+    /// next request: no allocation per request).
+    spans: Vec<(HeaderName, usize, usize)>,
+}
+
+impl Heads {
+    fn new() -> Self {
+        Self {
+            input: BytesMut::with_capacity(2 * READ_ROOM),
+            spans: Vec::new(),
+        }
+    }
+
+    /// Parses the head at the front of the input, taking it off when
+    /// complete; `None` while it is not.
+    fn parse(&mut self) -> Result<Option<Plain>, Other> {
+        let mut fields = [const { MaybeUninit::<httparse::Header>::uninit() }; MAX_FIELDS];
+        let mut parsed = httparse::Request::new(&mut []);
+        let parser = httparse::ParserConfig::default();
+        let length =
+            match parser.parse_request_with_uninit_headers(&mut parsed, &self.input, &mut fields) {
+                Ok(httparse::Status::Complete(length)) => length,
+                Ok(httparse::Status::Partial) => return Ok(None),
+                Err(_) => return Err(Other),
+            };
+        let (Some(1), Some(method), Some(target)) = (parsed.version, parsed.method, parsed.path)
+        else {
+            return Err(Other);
+        };
+        let Ok(method) = Method::from_bytes(method.as_bytes()) else {
+            return Err(Other);
+        };
+        if method == Method::CONNECT || !target.starts_with('/') {
+            return Err(Other);
+        }
+        let start = self.input.as_ptr() as usize;
+        let span = |field: &[u8]| {
+            let from = field.as_ptr() as usize - start;
+            (from, from + field.len())
+        };
+        let target = span(target.as_bytes());
+        let mut close = false;
+        self.spans.clear();
+        for field in parsed.headers.iter() {
+            let Ok(name) = HeaderName::from_bytes(field.name.as_bytes()) else {
+                return Err(Other);
+            };
+            match Role::of(&name, field.value) {
+                Role::Plain => {}
+                Role::Close => close = true,
+                Role::NotPlain => return Err(Other),
+            }
+            let (from, to) = if field.value.is_empty() {
+                (0, 0)
+            } else {
+                span(field.value)
+            };
+            self.spans.push((name, from, to));
+        }
+        let head = self.input.split_to(length).freeze();
+        let Some(request) = self.request(method, &head, target) else {
+            // The head is off the input: hyper must see it again.
+            let mut whole = BytesMut::with_capacity(head.len() + self.input.len());
+            whole.extend_from_slice(&head);
+            whole.extend_from_slice(&self.input);
+            self.input = whole;
+            return Err(Other);
+        };
+        let head_only = request.method() == Method::HEAD;
+        Ok(Some(Plain {
+            request,
+            head_only,
+            close,
+        }))
+    }
+
+    /// The request whose head is `head`; `None` if its target is not one
+    /// `http` takes, or it names two hosts.
+    fn request(
+        &mut self,
+        method: Method,
+        head: &Bytes,
+        target: (usize, usize),
+    ) -> Option<Request<PlainBody>> {
+        let uri = Uri::from_maybe_shared(head.slice(target.0..target.1)).ok()?;
+        let mut headers = HeaderMap::with_capacity(self.spans.len() + FIELD_ROOM);
+        for (name, from, to) in self.spans.drain(..) {
+            let value = parsed_field_value(head.slice(from..to));
+            if name == header::HOST && headers.contains_key(header::HOST) {
+                return None;
+            }
+            headers.append(name, value);
+        }
+        let mut request = Request::new(Full::new(Bytes::new()));
+        *request.method_mut() = method;
+        *request.uri_mut() = uri;
+        *request.version_mut() = Version::HTTP_11;
+        *request.headers_mut() = headers;
+        Some(request)
+    }
+}
+
+/// Fuzzing entry: takes request heads off `data` as this server does,
+/// checking that each one taken leaves the rest as it was and that one it
+/// does not take is left whole, for hyper. How many were taken.
+#[doc(hidden)]
+pub fn feed_requests(data: &[u8]) -> usize {
+    let mut heads = Heads::new();
+    heads.input.extend_from_slice(data);
+    let mut taken = 0;
+    loop {
+        let before = heads.input.clone();
+        match heads.parse() {
+            Ok(Some(plain)) => {
+                let rest = &before[before.len() - heads.input.len()..];
+                assert!(heads.input.len() < before.len(), "a head of no bytes");
+                assert_eq!(rest, &heads.input[..], "the bytes after a head changed");
+                assert!(plain.request.uri().path().starts_with('/'));
+                taken += 1;
+            }
+            Ok(None) => return taken,
+            Err(Other) => {
+                assert_eq!(heads.input, before, "bytes lost on the way to hyper");
+                return taken;
+            }
+        }
     }
 }
 
