@@ -6,9 +6,10 @@
 //! HTTP/1.1 and h2c with upgrades,
 //! and on shutdown no new connections and a drain of those open, bounded by
 //! `drain`. Plain HTTP/1.1 requests (no body, no upgrade) are served by
-//! muster's own HTTP/1.1 server (`h1`), everything else by hyper. It owns
-//! no routing: each connection gets the service that `service_for` makes
-//! for its peer.
+//! muster's own HTTP/1.1 server (`h1`); the rest of a connection that
+//! sends anything else goes to hyper's HTTP/1 server, and h2c connections
+//! to hyper's HTTP/2 server. It owns no routing: each connection gets the
+//! [`Handler`] that `handler_for` makes for its peer.
 
 mod h1;
 
@@ -20,17 +21,18 @@ use std::error::Error as StdError;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::pin::pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
 use hyper::body::{Body, Incoming};
 use hyper::header::HeaderValue;
+use hyper::server::conn::{http1, http2};
+use hyper::service::Service;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -91,13 +93,26 @@ impl ConnectionSlot {
     }
 }
 
-/// A field value httparse has parsed, sharing its bytes, without checking
-/// them again.
+/// How muster's HTTP/1 code (its own server and the gateway's upstream
+/// exchange) runs httparse: its strict defaults, no obs-fold, so a field
+/// value never holds a line break. `parsed_field_value` relies on this.
+pub(crate) fn field_parser() -> httparse::ParserConfig {
+    httparse::ParserConfig::default()
+}
+
+/// A field value `field_parser` has parsed, sharing its bytes; an ASCII
+/// value (almost all) is not checked again.
 pub(crate) fn parsed_field_value(value: Bytes) -> HeaderValue {
-    // SAFETY: httparse allows in a field value only HTAB, SP to `~` and
-    // 0x80 to 0xFF, exactly the bytes a `HeaderValue` may hold (hyper
-    // relies on the same; `h1`'s tests check every byte).
-    unsafe { HeaderValue::from_maybe_shared_unchecked(value) }
+    if value.is_ascii() {
+        // SAFETY: the function asks for UTF-8, which ASCII is. httparse
+        // allows in a field value only HTAB, SP to `~` and 0x80 to 0xFF,
+        // the bytes a `HeaderValue` may hold, so the check skipped would
+        // have passed (hyper skips it too; `h1`'s tests check every byte
+        // at every place in a value).
+        return unsafe { HeaderValue::from_maybe_shared_unchecked(value) };
+    }
+    // obs-text: valid, but not UTF-8, so checked the long way.
+    HeaderValue::from_maybe_shared(value).unwrap_or_else(|_| HeaderValue::from_static(""))
 }
 
 /// What answers a connection's requests, whichever server read them:
@@ -123,16 +138,9 @@ where
     F: FnMut(SocketAddr, &ConnectionSlot) -> H,
     H: Handler,
 {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .writev(false)
-        .header_read_timeout(limits.header_read_timeout);
-    builder.http2().timer(TokioTimer::new());
-    let graceful = GracefulShutdown::new();
+    let hyper = HyperServers::new(limits.header_read_timeout);
     // Every connection's task holds a sender: when all are dropped, every
-    // connection has ended (hyper's and muster's own alike).
+    // connection has ended.
     let (open, mut all_closed) = mpsc::channel::<()>(1);
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     loop {
@@ -152,48 +160,130 @@ where
         };
         let _ = stream.set_nodelay(true);
         let slot = ConnectionSlot::new(permit);
-        let (builder, handler) = (builder.clone(), handler_for(peer, &slot));
-        let (watcher, shutdown) = (graceful.watcher(), shutdown.clone());
-        let (open, head_timeout) = (open.clone(), limits.header_read_timeout);
+        let handler = handler_for(peer, &slot);
+        let connection = Connection {
+            hyper: hyper.clone(),
+            head_timeout: limits.header_read_timeout,
+            shutdown: shutdown.clone(),
+        };
+        let open = open.clone();
         tokio::spawn(async move {
-            let _open = open;
-            // The h2c check reads the first bytes with no timer of its own:
-            // a client that sends nothing, or part of the HTTP/2 preface,
-            // would hold its slot for good.
-            let shown = tokio::select! {
-                shown = tokio::time::timeout(head_timeout, version_shown(&stream)) => {
-                    shown.ok().flatten()
-                }
-                () = shutdown.cancelled() => None,
-            };
-            let io = match shown {
-                Some(Shown::Http1) => h1::serve(stream, &handler, head_timeout, &shutdown).await,
-                Some(Shown::H2c) => Some(h1::Prefixed::new(stream, Bytes::new())),
-                None => None,
-            };
-            if let Some(io) = io {
-                let service = service_fn(move |request: Request<Incoming>| {
-                    let handler = handler.clone();
-                    async move { Ok::<_, Infallible>(handler.handle(request).await) }
-                });
-                let connection = builder
-                    .serve_connection_with_upgrades(TokioIo::new(io), service)
-                    .into_owned();
-                let _ = watcher.watch(connection).await;
-            }
+            connection.serve(stream, handler).await;
             drop(slot.take());
+            drop(open);
         });
     }
     drop(listener);
     drop(open);
-    let drained = async {
-        graceful.shutdown().await;
-        let _ = all_closed.recv().await;
-    };
-    if tokio::time::timeout(limits.drain, drained).await.is_err() {
+    if tokio::time::timeout(limits.drain, all_closed.recv())
+        .await
+        .is_err()
+    {
         warn!(server = what, "connections did not finish in time");
     }
     Ok(())
+}
+
+/// hyper's HTTP/1 and HTTP/2 servers, for what muster's own does not take.
+#[derive(Clone)]
+struct HyperServers {
+    http1: http1::Builder,
+    http2: http2::Builder<TokioExecutor>,
+}
+
+impl HyperServers {
+    fn new(header_read_timeout: Duration) -> Self {
+        let mut http1 = http1::Builder::new();
+        http1
+            .timer(TokioTimer::new())
+            .writev(false)
+            .header_read_timeout(header_read_timeout);
+        let mut http2 = http2::Builder::new(TokioExecutor::new());
+        http2.timer(TokioTimer::new());
+        Self { http1, http2 }
+    }
+}
+
+/// What serving one connection needs besides its stream and handler.
+struct Connection {
+    hyper: HyperServers,
+    head_timeout: Duration,
+    shutdown: CancellationToken,
+}
+
+impl Connection {
+    async fn serve<H: Handler>(self, stream: TcpStream, handler: H) {
+        // The h2c check reads the first bytes with no timer of its own:
+        // a client that sends nothing, or part of the HTTP/2 preface,
+        // would hold its slot for good.
+        let shown = tokio::select! {
+            shown = tokio::time::timeout(self.head_timeout, version_shown(&stream)) => {
+                shown.ok().flatten()
+            }
+            () = self.shutdown.cancelled() => None,
+        };
+        match shown {
+            Some(Shown::Http1) => {
+                let served = h1::serve(stream, &handler, self.head_timeout, &self.shutdown);
+                if let Some(rest) = served.await {
+                    self.serve_http1(rest, handler).await;
+                }
+            }
+            Some(Shown::H2c) => {
+                let io = TokioIo::new(stream);
+                let connection = self
+                    .hyper
+                    .http2
+                    .serve_connection(io, hyper_service(handler));
+                let mut connection = pin!(connection);
+                tokio::select! {
+                    _ = connection.as_mut() => return,
+                    () = self.shutdown.cancelled() => connection.as_mut().graceful_shutdown(),
+                }
+                let _ = connection.await;
+            }
+            None => {}
+        }
+    }
+
+    /// Serves the rest of an HTTP/1 connection muster's own server handed
+    /// over (only ever HTTP/1: an HTTP/2 preface after HTTP/1 requests is
+    /// a bad request, not a switch).
+    async fn serve_http1<H: Handler>(self, rest: h1::Prefixed, handler: H) {
+        let mut http1 = self.hyper.http1;
+        // Once shutdown has begun, hyper is told to close after this one
+        // request: asked to shut down gracefully before it has read a
+        // byte, it would close without answering the request it was
+        // handed.
+        let stopping = self.shutdown.is_cancelled();
+        http1.keep_alive(!stopping);
+        let connection = http1
+            .serve_connection(TokioIo::new(rest), hyper_service(handler))
+            .with_upgrades();
+        let mut connection = pin!(connection);
+        if !stopping {
+            tokio::select! {
+                _ = connection.as_mut() => return,
+                () = self.shutdown.cancelled() => connection.as_mut().graceful_shutdown(),
+            }
+        }
+        let _ = connection.await;
+    }
+}
+
+/// `handler` as hyper calls it.
+fn hyper_service<H: Handler>(
+    handler: H,
+) -> impl Service<
+    Request<Incoming>,
+    Response = Response<H::Body>,
+    Error = Infallible,
+    Future: Send + 'static,
+> + Clone {
+    service_fn(move |request: Request<Incoming>| {
+        let handler = handler.clone();
+        async move { Ok::<_, Infallible>(handler.handle(request).await) }
+    })
 }
 
 #[cfg(test)]

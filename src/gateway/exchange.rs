@@ -40,7 +40,7 @@ use tokio::net::TcpStream;
 
 use super::headers::is_hop_by_hop;
 use super::proxy::BoxError;
-use crate::http_server::parsed_field_value;
+use crate::http_server::{field_parser, parsed_field_value};
 
 /// Most fields in a response head (hyper's limit too).
 const MAX_FIELDS: usize = 100;
@@ -313,7 +313,7 @@ fn parse_head(input: &mut BytesMut, method: &Method) -> Result<Option<Head>, Exc
     // in the instruction count.
     let mut fields = [const { MaybeUninit::<httparse::Header>::uninit() }; MAX_FIELDS];
     let mut parsed = httparse::Response::new(&mut []);
-    let parser = httparse::ParserConfig::default();
+    let parser = field_parser();
     let length = match parser.parse_response_with_uninit_headers(&mut parsed, input, &mut fields) {
         Ok(httparse::Status::Complete(length)) => length,
         Ok(httparse::Status::Partial) if input.len() >= MAX_HEAD => {

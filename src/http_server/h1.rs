@@ -4,13 +4,14 @@
 //! httparse, calls the connection's service, and writes the response on
 //! the connection's own task, keeping the connection for the next request.
 //!
-//! Everything else (an HTTP/1.0 or h2c client, a request with a body, an
+//! Everything else (an HTTP/1.0 client, a request with a body, an
 //! upgrade, `CONNECT`, a head httparse refuses or that is too large) is
-//! handed to hyper together with the bytes already read
+//! handed to hyper's HTTP/1 server together with the bytes already read
 //! ([`Prefixed`]), and hyper serves the connection from there on, so
 //! hyper's answers (400, 431, upgrades, bodies) stay the protocol surface
-//! for all of it. It owns no routing and must never answer a request it
-//! has not fully understood.
+//! for all of it. (h2c connections go to hyper from their first bytes.)
+//! It owns no routing and must never answer a request it has not fully
+//! understood.
 
 use std::future::poll_fn;
 use std::io;
@@ -104,14 +105,15 @@ impl AsyncWrite for Prefixed {
     }
 }
 
-use super::{BoxError, Handler, parsed_field_value};
+use super::{BoxError, Handler, field_parser, parsed_field_value};
 
 /// Serves plain requests on `stream` until the connection ends (`None`)
 /// or a request this server does not take arrives: then the stream goes
 /// back with everything read but not yet served, for hyper.
 /// `header_read_timeout` bounds each wait for a request head, idle time
 /// included; on `shutdown` an idle connection is closed, and one in the
-/// middle of a request is closed after its response.
+/// middle of a request is closed after its response (a request handed
+/// to hyper after shutdown began is answered by hyper, then closed).
 pub async fn serve<H: Handler>(
     stream: TcpStream,
     handler: &H,
@@ -223,6 +225,9 @@ impl Connection {
             }
             self.heads.input.reserve(READ_ROOM);
             match self.stream.try_read_buf(&mut self.heads.input) {
+                // A client that sent more requests and then closed its
+                // side still waits for their answers (as hyper has it).
+                Ok(0) if !self.heads.input.is_empty() => return std::future::pending().await,
                 Ok(0) => return,
                 Ok(_) => {}
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
@@ -246,18 +251,23 @@ impl Connection {
         let (parts, body) = response.into_parts();
         let body = pin!(body);
         let framing = write_head(&mut self.output, &parts, &*body, head_only, close);
-        let kept = match framing {
-            Framing::Empty { close } => {
-                self.flush().await?;
-                !close
-            }
-            Framing::Length { length, close } => self.write_length(body, length).await? && !close,
-            Framing::Chunked { close } => self.write_chunked(body).await? && !close,
+        let written = match framing {
+            Framing::Empty { close } => self.flush().await.map(|()| !close),
+            Framing::Length { length, close } => self
+                .write_length(body, length)
+                .await
+                .map(|whole| whole && !close),
+            Framing::Chunked { close } => self.write_chunked(body).await.map(|ok| ok && !close),
         };
+        if written.is_err() {
+            // A body that failed midway: what came of it goes out (the
+            // client sees the response cut short), then the connection ends.
+            let _ = self.flush().await;
+        }
         if self.output.capacity() > WRITE_BATCH {
             self.output = Vec::with_capacity(2 * READ_ROOM);
         }
-        Ok(kept)
+        written
     }
 
     /// Writes a body of `length` bytes; false if it had more or fewer.
@@ -405,7 +415,7 @@ impl Heads {
     fn parse(&mut self) -> Result<Option<Plain>, Other> {
         let mut fields = [const { MaybeUninit::<httparse::Header>::uninit() }; MAX_FIELDS];
         let mut parsed = httparse::Request::new(&mut []);
-        let parser = httparse::ParserConfig::default();
+        let parser = field_parser();
         let length =
             match parser.parse_request_with_uninit_headers(&mut parsed, &self.input, &mut fields) {
                 Ok(httparse::Status::Complete(length)) => length,
@@ -428,13 +438,19 @@ impl Heads {
             (from, from + field.len())
         };
         let target = span(target.as_bytes());
-        let mut close = false;
+        let (mut close, mut zero_length) = (false, false);
         self.spans.clear();
         for field in parsed.headers.iter() {
             let Ok(name) = HeaderName::from_bytes(field.name.as_bytes()) else {
                 return Err(Other);
             };
             match Role::of(&name, field.value) {
+                // One `Content-Length: 0`; hyper folds repeated ones.
+                Role::Plain if name == header::CONTENT_LENGTH => {
+                    if std::mem::replace(&mut zero_length, true) {
+                        return Err(Other);
+                    }
+                }
                 Role::Plain => {}
                 Role::Close => close = true,
                 Role::NotPlain => return Err(Other),
@@ -464,7 +480,7 @@ impl Heads {
     }
 
     /// The request whose head is `head`; `None` if its target is not one
-    /// `http` takes, or it names two hosts.
+    /// `http` takes.
     fn request(
         &mut self,
         method: Method,
@@ -474,11 +490,7 @@ impl Heads {
         let uri = Uri::from_maybe_shared(head.slice(target.0..target.1)).ok()?;
         let mut headers = HeaderMap::with_capacity(self.spans.len() + FIELD_ROOM);
         for (name, from, to) in self.spans.drain(..) {
-            let value = parsed_field_value(head.slice(from..to));
-            if name == header::HOST && headers.contains_key(header::HOST) {
-                return None;
-            }
-            headers.append(name, value);
+            headers.append(name, parsed_field_value(head.slice(from..to)));
         }
         let mut request = Request::new(Full::new(Bytes::new()));
         *request.method_mut() = method;
@@ -583,10 +595,18 @@ fn write_head<B: Body>(
     mut close: bool,
 ) -> Framing {
     let status = parts.status;
+    if status.is_informational() {
+        // As hyper has it: a handler cannot answer with an interim
+        // response; the client gets a 500 and the connection ends.
+        write_status_line(out, StatusCode::INTERNAL_SERVER_ERROR);
+        write_length_field(out, 0);
+        write_field(out, b"date", &http_date());
+        write_field(out, b"connection", b"close");
+        out.extend_from_slice(b"\r\n");
+        return Framing::Empty { close: true };
+    }
     write_status_line(out, status);
-    let no_body = status.is_informational()
-        || status == StatusCode::NO_CONTENT
-        || status == StatusCode::NOT_MODIFIED;
+    let no_body = status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
     let mut declared: Option<u64> = None;
     let mut dated = false;
     let mut said_close = false;
@@ -597,12 +617,16 @@ fn write_head<B: Body>(
                 match (parsed, declared) {
                     (Some(length), None) => declared = Some(length),
                     (Some(length), Some(first)) if length == first => {}
-                    // Disagreeing or unreadable: framed by the body
-                    // instead, and the connection not trusted further.
+                    // Disagreeing or unreadable: the first readable value
+                    // (else the body's own size) frames the body, and the
+                    // connection is closed after it.
                     _ => close = true,
                 }
                 continue;
             }
+            // The framing is this server's own (chunked when the length is
+            // unknown): a handler's codings are not passed on, nor a
+            // `Trailer` announcing trailers an HTTP/1 response never gets.
             header::TRANSFER_ENCODING | header::TRAILER => continue,
             header::CONNECTION if Role::of(name, value.as_bytes()).is_close() => {
                 close = true;
@@ -614,6 +638,9 @@ fn write_head<B: Body>(
         write_field(out, name.as_str().as_bytes(), value.as_bytes());
     }
     let exact = body.size_hint().exact();
+    // An empty body is sent as one, whatever length was declared (except
+    // to a HEAD request, where the declared length is the point).
+    let declared = declared.filter(|_| head_only || !body.is_end_stream());
     let framing = if no_body {
         Framing::Empty { close }
     } else if head_only {
@@ -704,7 +731,6 @@ fn http_date() -> [u8; 29] {
 #[cfg(test)]
 mod tests {
     use std::collections::VecDeque;
-    use std::convert::Infallible;
     use std::net::SocketAddr;
     use std::sync::Arc;
 
@@ -722,8 +748,9 @@ mod tests {
 
     type TestBody = BoxBody<Bytes, BoxError>;
 
-    /// Answers by path: `/chunks` a body of unknown length in two frames,
-    /// `/none` a 204, `/hang` never (telling `events` "hang" when it starts
+    /// Answers by path: `/chunks` a body of unknown length in two frames
+    /// (`/broken` the same, then an error), `/interim` a 103, `/short`
+    /// three bytes where ten are declared, `/none` a 204, `/hang` never (telling `events` "hang" when it starts
     /// and "dropped" when given up), `/gate` once `gate` is notified
     /// (telling "gate" first); anything else `{method} {path} {body length}`.
     #[derive(Clone)]
@@ -742,21 +769,27 @@ mod tests {
     }
 
     /// Data frames given out one by one, of no announced length.
-    struct Frames(VecDeque<&'static [u8]>);
+    /// Data frames given out one by one, of no announced length, then an
+    /// error if `fails`.
+    struct Frames {
+        data: VecDeque<&'static [u8]>,
+        fails: bool,
+    }
 
     impl Body for Frames {
         type Data = Bytes;
-        type Error = Infallible;
+        type Error = io::Error;
 
         fn poll_frame(
             mut self: Pin<&mut Self>,
             _cx: &mut Context<'_>,
-        ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-            Poll::Ready(
-                self.0
-                    .pop_front()
-                    .map(|data| Ok(Frame::data(Bytes::from(data)))),
-            )
+        ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+            let next = match self.data.pop_front() {
+                Some(data) => Some(Ok(Frame::data(Bytes::from(data)))),
+                None if std::mem::take(&mut self.fails) => Some(Err(io::Error::other("broken"))),
+                None => None,
+            };
+            Poll::Ready(next)
         }
     }
 
@@ -769,9 +802,25 @@ mod tests {
         {
             let boxed = |body: Full<Bytes>| body.map_err(BoxError::from).boxed();
             match request.uri().path() {
-                "/chunks" => {
-                    let frames = Frames(VecDeque::from([b"ab".as_slice(), b"cde"]));
+                "/chunks" | "/broken" => {
+                    let frames = Frames {
+                        data: VecDeque::from([b"ab".as_slice(), b"cde"]),
+                        fails: request.uri().path() == "/broken",
+                    };
                     return Response::new(frames.map_err(BoxError::from).boxed());
+                }
+                "/interim" => {
+                    let mut response = Response::new(boxed(Full::default()));
+                    *response.status_mut() = StatusCode::EARLY_HINTS;
+                    return response;
+                }
+                "/short" => {
+                    let mut response = Response::new(boxed(Full::new("abc".into())));
+                    let declared = HeaderValue::from_static("10");
+                    response
+                        .headers_mut()
+                        .insert(header::CONTENT_LENGTH, declared);
+                    return response;
                 }
                 "/none" => {
                     let mut response = Response::new(boxed(Full::default()));
@@ -1070,16 +1119,61 @@ mod tests {
     }
 
     #[test]
-    fn httparse_takes_in_a_field_value_exactly_the_bytes_a_header_value_may_hold() {
-        // Long enough for httparse's vectorised scans to take part.
-        let (before, after) = ([b'a'; 40], [b'b'; 40]);
+    fn every_field_value_httparse_gives_is_a_valid_header_value() {
+        // Every byte at every place in a value long enough for httparse's
+        // vectorised scans, in requests and responses, parsed as muster
+        // parses them: every value taken holds only valid bytes, and a
+        // value of valid bytes is taken.
         for byte in 0..=u8::MAX {
-            let value = [before.as_slice(), &[byte], &after].concat();
-            let head = [b"GET / HTTP/1.1\r\nx: ".as_slice(), &value, b"\r\n\r\n"].concat();
-            let mut fields = [httparse::EMPTY_HEADER; 4];
-            let parsed = httparse::Request::new(&mut fields).parse(&head).is_ok();
-            let valid = HeaderValue::from_bytes(&value).is_ok();
-            assert_eq!(parsed, valid, "byte {byte:#04x}");
+            let allowed = HeaderValue::from_bytes(&[byte]).is_ok();
+            for at in 0..80 {
+                let mut value = [b'v'; 80];
+                value[at] = byte;
+                for start in [b"GET / HTTP/1.1\r\n".as_slice(), b"HTTP/1.1 200 OK\r\n"] {
+                    let head = [start, b"x: ", &value, b"\r\n\r\n"].concat();
+                    let taken = parsed_values(&head);
+                    for taken in &taken {
+                        assert!(
+                            HeaderValue::from_bytes(taken).is_ok(),
+                            "{byte:#04x} at {at}"
+                        );
+                    }
+                    // (An allowed space or tab at either end is trimmed
+                    // off, as optional whitespace.)
+                    assert!(!allowed || taken.len() == 1, "{byte:#04x} at {at} refused");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_folded_field_line_is_refused() {
+        // obs-fold would put a line break inside a value.
+        assert!(parsed_values(b"GET / HTTP/1.1\r\nx: a\r\n b\r\n\r\n").is_empty());
+        assert!(parsed_values(b"HTTP/1.1 200 OK\r\nx: a\r\n b\r\n\r\n").is_empty());
+        assert_eq!(
+            parsed_values(b"HTTP/1.1 200 OK\r\nx: a b\r\n\r\n"),
+            [b"a b"]
+        );
+    }
+
+    /// The field values `head` parses to with `field_parser`, if it parses.
+    fn parsed_values(head: &[u8]) -> Vec<Vec<u8>> {
+        let mut fields = [httparse::EMPTY_HEADER; 4];
+        let values =
+            |fields: &[httparse::Header]| fields.iter().map(|field| field.value.to_vec()).collect();
+        if head.starts_with(b"HTTP") {
+            let mut response = httparse::Response::new(&mut fields);
+            match field_parser().parse_response(&mut response, head) {
+                Ok(httparse::Status::Complete(_)) => values(response.headers),
+                _ => Vec::new(),
+            }
+        } else {
+            let mut request = httparse::Request::new(&mut fields);
+            match field_parser().parse_request(&mut request, head) {
+                Ok(httparse::Status::Complete(_)) => values(request.headers),
+                _ => Vec::new(),
+            }
         }
     }
 
@@ -1095,5 +1189,75 @@ mod tests {
         assert!(plain(header::HOST, b"x"));
         assert!(Role::of(&header::CONNECTION, b"keep-alive, Close").is_close());
         assert!(!Role::of(&header::CONNECTION, b"keep-alive").is_close());
+    }
+
+    #[tokio::test]
+    async fn requests_sent_before_the_client_closed_its_side_are_answered() {
+        let mut server = start().await;
+        let mut client = Client::connect(&server).await;
+        client.send(&[get("/gate"), get("/b")].concat()).await;
+        assert_eq!(server.next_event().await, "gate");
+        // The end of the client's side arrives while /gate is in flight;
+        // another exchange gives the server time to see it before the gate
+        // opens (it can only make this test stricter, never fail it).
+        client.stream.shutdown().await.unwrap();
+        let mut open = Client::connect(&server).await;
+        open.send(&get("/other")).await;
+        assert_eq!(open.response(false).await.1, b"GET /other 0");
+        server.gate.notify_one();
+        assert_eq!(client.response(false).await.1, b"GET /gate 0");
+        assert_eq!(client.response(false).await.1, b"GET /b 0");
+        assert!(client.closed().await, "the connection stays open");
+    }
+
+    #[tokio::test]
+    async fn an_http2_preface_after_http1_requests_is_no_switch() {
+        let server = start().await;
+        let mut client = Client::connect(&server).await;
+        client.send(&get("/a")).await;
+        assert_eq!(client.response(false).await.1, b"GET /a 0");
+        client.send(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await;
+        // hyper's HTTP/1 server refuses it and ends the connection (before
+        // this, a partial preface here held the connection for good).
+        while client.read_more().await {}
+        let said = String::from_utf8_lossy(&client.input).to_lowercase();
+        assert!(
+            said.is_empty() || said.starts_with("http/1.1 400 "),
+            "{said}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_interim_response_from_a_handler_becomes_a_500_and_ends_the_connection() {
+        let server = start().await;
+        let mut client = Client::connect(&server).await;
+        client.send(&get("/interim")).await;
+        let (head, body) = client.response(false).await;
+        assert!(head.starts_with("http/1.1 500 "), "{head}");
+        assert!(head.contains("\r\nconnection: close\r\n"), "{head}");
+        assert!(body.is_empty());
+        assert!(client.closed().await, "the connection stays open");
+    }
+
+    #[tokio::test]
+    async fn a_body_shorter_than_declared_ends_the_connection() {
+        let server = start().await;
+        let mut client = Client::connect(&server).await;
+        client.send(&get("/short")).await;
+        while client.read_more().await {}
+        let said = String::from_utf8_lossy(&client.input).to_lowercase();
+        assert!(said.contains("\r\ncontent-length: 10\r\n"), "{said}");
+        assert!(said.ends_with("\r\n\r\nabc"), "{said}");
+    }
+
+    #[tokio::test]
+    async fn a_body_that_fails_midway_is_not_ended_as_if_whole() {
+        let server = start().await;
+        let mut client = Client::connect(&server).await;
+        client.send(&get("/broken")).await;
+        while client.read_more().await {}
+        let said = String::from_utf8_lossy(&client.input).to_lowercase();
+        // The chunks sent, and no last chunk: the client can tell.
+        assert!(said.ends_with("\r\n\r\n2\r\nab\r\n3\r\ncde\r\n"), "{said}");
     }
 }
