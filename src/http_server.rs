@@ -47,6 +47,20 @@ pub struct Limits {
     pub drain: Duration,
 }
 
+impl Limits {
+    /// The bounds the API and the gateway serve with: each request head
+    /// due within 30 s (which also closes idle keep-alive connections;
+    /// blocking queries wait on their own clock), and 10 s for requests
+    /// in flight to finish on shutdown.
+    pub fn serving(max_connections: usize) -> Self {
+        Self {
+            max_connections,
+            header_read_timeout: Duration::from_secs(30),
+            drain: Duration::from_secs(10),
+        }
+    }
+}
+
 pub type BoxError = Box<dyn StdError + Send + Sync>;
 
 /// What an h2c client sends first.

@@ -11,7 +11,7 @@ mod health;
 mod services;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use axum::Router;
 use axum::extract::rejection::PathRejection;
@@ -63,12 +63,6 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// A client must send each request head within this; it also closes
-/// idle keep-alive connections. Blocking queries wait on their own clock.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long requests in flight get to finish on shutdown.
-const DRAIN: Duration = Duration::from_secs(10);
-
 /// Serves `router` on `listener`, `max_connections` at a time, until
 /// `shutdown`, then drains requests in flight (up to a bound).
 pub async fn serve(
@@ -77,11 +71,7 @@ pub async fn serve(
     max_connections: usize,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let limits = http_server::Limits {
-        max_connections,
-        header_read_timeout: HEADER_READ_TIMEOUT,
-        drain: DRAIN,
-    };
+    let limits = http_server::Limits::serving(max_connections);
     http_server::serve(listener, limits, shutdown, "api", |_peer, _slot| {
         ApiHandler(TowerToHyperService::new(router.clone()))
     })

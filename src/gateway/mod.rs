@@ -55,11 +55,6 @@ use pool::{Http1Pool, SendError};
 use proxy::{Body, BoxError};
 use routes::{Route, RouteTable};
 
-/// A client must send its request head within this.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long connections get to finish on shutdown.
-const DRAIN: Duration = Duration::from_secs(10);
-
 /// Why routes could not be built.
 #[derive(Debug, thiserror::Error)]
 #[error("gateway route {key}: {message}")]
@@ -252,11 +247,7 @@ pub async fn serve(
     max_connections: usize,
     shutdown: CancellationToken,
 ) -> io::Result<()> {
-    let limits = http_server::Limits {
-        max_connections,
-        header_read_timeout: HEADER_READ_TIMEOUT,
-        drain: DRAIN,
-    };
+    let limits = http_server::Limits::serving(max_connections);
     http_server::serve(listener, limits, shutdown, "gateway", |peer, slot| {
         FrontDoor {
             gateway: gateway.clone(),
