@@ -1,8 +1,8 @@
 //! The HTTP accept loop the API and the gateway share: at most
 //! `max_connections` connections open at once (more wait in the kernel's
 //! backlog), a connection's first bytes and every request head due within
-//! `header_read_timeout` (which also ends idle HTTP/1 keep-alive connections;
-//! idle h2c connections are not timed out),
+//! `header_read_timeout` (which also ends idle keep-alive connections: an
+//! h2c connection that starts no request for that long gets a GOAWAY),
 //! HTTP/1.1 and h2c with upgrades,
 //! and on shutdown no new connections and a drain of those open, bounded by
 //! `drain`. Plain HTTP/1.1 requests (no body, no upgrade) are served by
@@ -22,6 +22,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -35,6 +36,7 @@ use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
@@ -243,21 +245,38 @@ impl Connection {
                     self.serve_http1(rest, handler).await;
                 }
             }
-            Some(Shown::H2c) => {
-                let io = TokioIo::new(stream);
-                let connection = self
-                    .hyper
-                    .http2
-                    .serve_connection(io, hyper_service(handler));
-                let mut connection = pin!(connection);
-                tokio::select! {
-                    _ = connection.as_mut() => return,
-                    () = self.shutdown.cancelled() => connection.as_mut().graceful_shutdown(),
-                }
-                let _ = connection.await;
-            }
+            Some(Shown::H2c) => self.serve_h2c(stream, handler).await,
             None => {}
         }
+    }
+
+    /// Serves an h2c connection. One that starts no request for
+    /// `head_timeout` is asked to close, as an idle HTTP/1 connection is:
+    /// a GOAWAY, after which the streams still open finish.
+    async fn serve_h2c<H: Handler>(self, stream: TcpStream, handler: H) {
+        let activity = Arc::new(Activity::new());
+        let service = hyper_service(handler, Some(activity.clone()));
+        let connection = self
+            .hyper
+            .http2
+            .serve_connection(TokioIo::new(stream), service);
+        let mut connection = pin!(connection);
+        let mut idle = pin!(tokio::time::sleep(self.head_timeout));
+        loop {
+            tokio::select! {
+                _ = connection.as_mut() => return,
+                () = self.shutdown.cancelled() => break,
+                () = idle.as_mut() => {
+                    let deadline = activity.last() + self.head_timeout;
+                    if Instant::now() >= deadline {
+                        break;
+                    }
+                    idle.as_mut().reset(deadline);
+                }
+            }
+        }
+        connection.as_mut().graceful_shutdown();
+        let _ = connection.await;
     }
 
     /// Serves the rest of an HTTP/1 connection muster's own server handed
@@ -272,7 +291,7 @@ impl Connection {
         let stopping = self.shutdown.is_cancelled();
         http1.keep_alive(!stopping);
         let connection = http1
-            .serve_connection(TokioIo::new(rest), hyper_service(handler))
+            .serve_connection(TokioIo::new(rest), hyper_service(handler, None))
             .with_upgrades();
         let mut connection = pin!(connection);
         if !stopping {
@@ -285,9 +304,35 @@ impl Connection {
     }
 }
 
-/// `handler` as hyper calls it.
+/// When a connection last started a request.
+struct Activity {
+    opened: Instant,
+    /// Milliseconds from `opened` to the last request's start.
+    last: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            opened: Instant::now(),
+            last: AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        let millis = u64::try_from(self.opened.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last.store(millis, Ordering::Relaxed);
+    }
+
+    fn last(&self) -> Instant {
+        self.opened + Duration::from_millis(self.last.load(Ordering::Relaxed))
+    }
+}
+
+/// `handler` as hyper calls it, noting each request in `activity`.
 fn hyper_service<H: Handler>(
     handler: H,
+    activity: Option<Arc<Activity>>,
 ) -> impl Service<
     Request<Incoming>,
     Response = Response<H::Body>,
@@ -295,6 +340,9 @@ fn hyper_service<H: Handler>(
     Future: Send + 'static,
 > + Clone {
     service_fn(move |request: Request<Incoming>| {
+        if let Some(activity) = &activity {
+            activity.touch();
+        }
         let handler = handler.clone();
         async move { Ok::<_, Infallible>(handler.handle(request).await) }
     })
@@ -396,6 +444,26 @@ mod tests {
             .unwrap()
             .unwrap();
         assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    }
+
+    #[tokio::test]
+    async fn an_idle_h2c_connection_is_closed() {
+        let addr = hello(LIMITS, CancellationToken::new()).await;
+        let stream = TcpStream::connect(addr).await.unwrap();
+        let (mut client, connection) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                .await
+                .unwrap();
+        let connection = tokio::spawn(connection);
+        let request = Request::get("http://x/")
+            .body(http_body_util::Empty::<Bytes>::new())
+            .unwrap();
+        let response = client.send_request(request).await.unwrap();
+        assert_eq!(response.status(), 200);
+        // No more requests: after the header timeout the server says
+        // GOAWAY and the connection ends.
+        let ended = tokio::time::timeout(DEADLINE, connection).await;
+        assert!(ended.is_ok(), "the idle h2c connection stays open");
     }
 
     #[tokio::test]
