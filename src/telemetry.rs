@@ -22,7 +22,7 @@ use tracing_subscriber::EnvFilter;
 use crate::config::{LogConfig, LogFormat};
 
 mod access;
-pub use access::ACCESS_TARGET;
+pub use access::{ACCESS_TARGET, Access};
 
 /// hickory-server logs every TCP query at `info`; muster logs no query at
 /// `info`, so hickory is held to warnings unless a filter names it.
@@ -49,15 +49,22 @@ pub fn init(log: &LogConfig) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
+    let colours = std::io::stderr().is_terminal();
     let installed = match log.format {
         LogFormat::Json => builder.json().try_init(),
         LogFormat::Text => builder
-            .with_ansi(std::io::stderr().is_terminal())
+            .with_ansi(colours)
             .event_format(access::TextFormat::default())
             .try_init(),
     };
     // A second init (tests in one process) keeps the first subscriber.
-    let _ = installed;
+    if installed.is_ok() {
+        // Span and field directives (`target[span{field=value}]=level`)
+        // can only be matched against a tracing event.
+        let directives = std::env::var("RUST_LOG").unwrap_or_else(|_| log.level.clone());
+        let text = matches!(log.format, LogFormat::Text);
+        access::write_directly(text && !colours && !directives.contains('['));
+    }
 }
 
 /// Prometheus metrics, encoded in the OpenMetrics text format at

@@ -15,7 +15,7 @@ use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::TokioIo;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
-use tracing::{debug, info};
+use tracing::debug;
 
 use super::balance::InFlight;
 use super::headers::{REQUEST_ID, TRACEPARENT, set_forwarded, strip_hop_by_hop, tokens};
@@ -24,7 +24,7 @@ use super::quiet::QuietLimit;
 use super::watched::{Ending, Watched, Watcher};
 use super::{ClientConnection, Gateway, Policy, UpstreamClient};
 use crate::config::UpstreamProtocol;
-use crate::telemetry::{ACCESS_TARGET, RouteLabel, RouteMeters, RouteStatus};
+use crate::telemetry::{Access, RouteLabel, RouteMeters, RouteStatus};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Every body the gateway sends or receives, boxed.
@@ -82,20 +82,18 @@ impl Completion {
     fn finish(self) {
         let bytes = self.bytes;
         let seconds = self.started.elapsed().as_secs_f64();
-        // Plain `&str` fields: the access formatter writes them as they are.
-        info!(
-            target: ACCESS_TARGET,
-            route = &*self.route,
-            service = &*self.service,
-            instance = self.instance.as_deref().unwrap_or("-"),
-            status = self.status,
-            method = self.method.as_str(),
-            path = self.uri.path(),
+        let access = Access {
+            route: &self.route,
+            service: &self.service,
+            instance: self.instance.as_deref().unwrap_or("-"),
+            status: self.status,
+            method: self.method.as_str(),
+            path: self.uri.path(),
             bytes,
-            latency_ms = seconds * 1000.0,
-            request_id = self.request_id.to_str().unwrap_or("-"),
-            "request"
-        );
+            latency_ms: seconds * 1000.0,
+            request_id: self.request_id.to_str().unwrap_or("-"),
+        };
+        access.log();
         let metrics = &self.gateway.metrics;
         match &self.meters {
             Some(meters) => meters.record(metrics, &self.route, self.status, seconds),
