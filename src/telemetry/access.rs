@@ -231,9 +231,14 @@ impl Visit for AccessLine {
 /// Appends `text`, with control characters escaped so that a value can
 /// neither end the line nor drive a terminal.
 fn write_escaped(line: &mut String, text: &str) {
+    // Printable ASCII (almost every value), checked without an early exit
+    // so that the check runs many bytes at a time.
+    let printable = text
+        .bytes()
+        .fold(true, |all, b| all & (b.wrapping_sub(0x20) < 0x5f));
     // Control characters are below 0x20, 0x7f, or (C1) start with 0xc2.
     let plain = |b: &u8| (0x20..0x7f).contains(b) || (*b > 0x7f && *b != 0xc2);
-    if text.as_bytes().iter().all(plain) {
+    if printable || text.as_bytes().iter().all(plain) {
         return line.push_str(text);
     }
     for c in text.chars() {
@@ -470,6 +475,20 @@ mod tests {
             ours.contains(r#"request path=/a b\n\u{1b}[2J latency_ms=0.000 instance="dbg\n""#),
             "{ours}"
         );
+    }
+
+    #[test]
+    fn every_ascii_control_is_escaped_and_nothing_else() {
+        for byte in 0..=0x7fu8 {
+            let c = char::from(byte);
+            let mut written = String::new();
+            write_escaped(&mut written, &format!("a{c}b"));
+            let expected = match c.is_control() {
+                true => format!("a{}b", c.escape_default()),
+                false => format!("a{c}b"),
+            };
+            assert_eq!(written, expected, "byte {byte:#04x}");
+        }
     }
 
     #[test]
