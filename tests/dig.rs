@@ -179,6 +179,49 @@ async fn dig_transfers_an_allowed_static_zone() {
     muster.stop().await;
 }
 
+#[tokio::test]
+#[ignore = "needs dig"]
+async fn dig_transfers_a_zone_too_large_for_one_message() {
+    let zones = tempfile::tempdir().unwrap();
+    let mut text = String::from(
+        "$TTL 60\n@ IN SOA ns hostmaster 7 3600 600 86400 30\n@ IN NS ns\nns IN A 127.0.0.1\n",
+    );
+    for n in 0..3000 {
+        text.push_str(&format!("t{n} IN TXT \"{}\"\n", "x".repeat(100)));
+    }
+    std::fs::write(zones.path().join("example.internal.zone"), text).unwrap();
+    let mut config = support::test_config();
+    config.zones_dir = zones.path().to_path_buf();
+    config.dns.transfers = [(
+        "example.internal".to_string(),
+        vec!["127.0.0.0/8".parse().unwrap()],
+    )]
+    .into();
+    let muster = support::start_with(config).await;
+    let axfr = dig(&muster, &["example.internal", "AXFR"]).await;
+    let records: Vec<&str> = axfr
+        .lines()
+        .filter(|l| !l.starts_with(';') && !l.is_empty())
+        .collect();
+    assert_eq!(
+        records.len(),
+        3000 + 4,
+        "{}",
+        &axfr[axfr.len().saturating_sub(600)..]
+    );
+    assert!(folded(records[0]).contains("IN SOA"));
+    assert!(folded(records[3003]).contains("IN SOA"));
+    // dig counts the messages it read: `;; XFR size: 3004 records (messages 6, …`.
+    let messages: u32 = axfr
+        .split("(messages ")
+        .nth(1)
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|count| count.parse().ok())
+        .unwrap_or_else(|| panic!("no message count: {}", &axfr[axfr.len() - 300..]));
+    assert!(messages > 1, "{messages} message");
+    muster.stop().await;
+}
+
 /// dnsperf's summary line `label: N` as a number.
 fn dnsperf_count(output: &str, label: &str) -> u64 {
     output

@@ -1266,3 +1266,59 @@ async fn queries_over_ipv6_are_answered_to_their_ipv6_sender() {
     assert_eq!(addresses(&reply), ips(&["fd00::16"]));
     muster.stop().await;
 }
+
+#[tokio::test]
+async fn a_zone_too_large_for_one_message_transfers_in_several() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let zones = tempfile::tempdir().unwrap();
+    // 3,000 TXT records of 100 bytes: about 350 KB, six messages or so.
+    let mut text = EXAMPLE_ZONE.to_string();
+    for n in 0..3000 {
+        text.push_str(&format!("t{n} IN TXT \"{}\"\n", "x".repeat(100)));
+    }
+    std::fs::write(zones.path().join("example.internal.zone"), text).unwrap();
+    let mut config = support::test_config();
+    config.zones_dir = zones.path().to_path_buf();
+    config.dns.transfers = [(
+        "example.internal".to_string(),
+        vec!["127.0.0.0/8".parse().unwrap()],
+    )]
+    .into();
+    let muster = support::start_with(config).await;
+    let request = query("example.internal.", RecordType::AXFR, None);
+    let bytes = request.to_vec().unwrap();
+    let mut stream = tokio::net::TcpStream::connect(muster.dns).await.unwrap();
+    let length = u16::try_from(bytes.len()).unwrap().to_be_bytes();
+    stream
+        .write_all(&[&length[..], &bytes].concat())
+        .await
+        .unwrap();
+    // Messages until the SOA comes again, as a secondary reads them.
+    let (mut messages, mut records) = (0, Vec::new());
+    while records.len() < 2 || records.last() != Some(&RecordType::SOA) {
+        let mut length = [0u8; 2];
+        let read = tokio::time::timeout(support::DEADLINE, stream.read_exact(&mut length));
+        read.await.expect("the rest of the transfer").unwrap();
+        let mut message = vec![0u8; usize::from(u16::from_be_bytes(length))];
+        stream.read_exact(&mut message).await.unwrap();
+        let message = Message::from_vec(&message).expect("a well-formed message");
+        assert_eq!(message.metadata.id, request.metadata.id);
+        assert_eq!(message.metadata.response_code, ResponseCode::NoError);
+        assert!(message.metadata.authoritative);
+        records.extend(message.answers.iter().map(|r| r.record_type()));
+        messages += 1;
+    }
+    assert!(messages > 1, "one message of {} records", records.len());
+    assert_eq!(records.first(), Some(&RecordType::SOA));
+    assert_eq!(records.len(), 3000 + 4, "SOA, NS, ns A, the TXTs, SOA");
+    let txts = records.iter().filter(|&&t| t == RecordType::TXT).count();
+    assert_eq!(txts, 3000);
+    // And muster still answers.
+    let after = query_tcp(
+        muster.dns,
+        &query("example.internal.", RecordType::SOA, None),
+    )
+    .await;
+    assert_eq!(after.answers.len(), 1);
+    muster.stop().await;
+}

@@ -56,6 +56,9 @@ pub struct AnswerCache {
     limit: usize,
     /// Answers encoded so far: first ones and refreshes of stale ones.
     encoded: u64,
+    /// The messages that follow the last answer (a zone transfer too
+    /// large for one), for the stream loop to send after it.
+    more: Vec<Vec<u8>>,
 }
 
 /// A query of the common shape, read in place.
@@ -122,6 +125,7 @@ impl AnswerCache {
             key: Vec::with_capacity(260),
             limit: (TOTAL_ENTRIES / workers.max(1)).max(MIN_ENTRIES),
             encoded: 0,
+            more: Vec::new(),
         }
     }
 
@@ -149,7 +153,14 @@ impl AnswerCache {
         )?;
         out.clear();
         out.extend_from_slice(&reply.bytes);
+        self.more = reply.more;
         Some(reply.outcome)
+    }
+
+    /// The messages that follow the last answer written to `out` (only a
+    /// zone transfer too large for one message has any).
+    pub fn take_more(&mut self) -> Vec<Vec<u8>> {
+        std::mem::take(&mut self.more)
     }
 
     /// Writes the response to `query` from `peer` into `out` from the

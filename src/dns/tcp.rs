@@ -143,12 +143,15 @@ fn answer(
     message: &mut Vec<u8>,
     out: &mut Vec<u8>,
 ) -> Option<Outcome> {
-    let outcome = STREAM_CACHE.with_borrow_mut(|cache| {
-        cache.answer(authority, query, peer, Transport::Stream, message)
+    let (outcome, more) = STREAM_CACHE.with_borrow_mut(|cache| {
+        let outcome = cache.answer(authority, query, peer, Transport::Stream, message)?;
+        Some((outcome, cache.take_more()))
     })?;
-    let length = u16::try_from(message.len()).unwrap_or(u16::MAX);
     out.clear();
-    out.extend_from_slice(&length.to_be_bytes());
-    out.extend_from_slice(message);
+    for message in std::iter::once(&*message).chain(more.iter()) {
+        let length = u16::try_from(message.len()).unwrap_or(u16::MAX);
+        out.extend_from_slice(&length.to_be_bytes());
+        out.extend_from_slice(message);
+    }
     Some(outcome)
 }

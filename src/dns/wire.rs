@@ -1,6 +1,8 @@
 //! Bytes in, bytes out: request checks shared by every transport, and the
 //! response encoder that enforces UDP size limits. An answer that does
 //! not fit is never sent in part: the client gets TC and retries over TCP.
+//! A zone transfer over TCP too large for one message goes out as several
+//! (RFC 5936 §2.2), its records in order.
 
 use std::net::SocketAddr;
 
@@ -37,6 +39,9 @@ pub struct Outcome {
 #[derive(Debug)]
 pub struct Reply {
     pub bytes: Vec<u8>,
+    /// The messages that follow `bytes`: only a zone transfer too large
+    /// for one message has any.
+    pub more: Vec<Vec<u8>>,
     pub outcome: Outcome,
 }
 
@@ -57,6 +62,7 @@ pub fn respond(
     let Ok(request) = Request::from_bytes(query.to_vec(), src, protocol) else {
         return Some(Reply {
             bytes: encode_header_only(&header.metadata, ResponseCode::FormErr),
+            more: Vec::new(),
             outcome: Outcome {
                 qtype: None,
                 rcode: ResponseCode::FormErr,
@@ -82,13 +88,21 @@ pub fn respond(
         _ => None,
     };
     let limit = size_limit(&request, protocol);
-    let (bytes, truncated) = match decision {
-        Some(Decision::Drop) => (Vec::new(), false),
-        Some(Decision::Slip) => (encode_truncated(&request, &answer, limit), true),
-        _ => encode(&request, &answer, limit),
+    let (bytes, more, truncated) = match decision {
+        Some(Decision::Drop) => (Vec::new(), Vec::new(), false),
+        Some(Decision::Slip) => (encode_truncated(&request, &answer, limit), Vec::new(), true),
+        None if transfer.is_some() && protocol == Protocol::Tcp => {
+            let (first, more) = encode_transfer(&request, &answer);
+            (first, more, false)
+        }
+        _ => {
+            let (bytes, truncated) = encode(&request, &answer, limit);
+            (bytes, Vec::new(), truncated)
+        }
     };
     Some(Reply {
         bytes,
+        more,
         outcome: Outcome {
             qtype: question.map(|q| q.query_type()),
             rcode: answer.rcode,
@@ -162,6 +176,68 @@ pub fn encode(request: &MessageRequest, answer: &Answer, limit: u16) -> (Vec<u8>
         return (bytes, false);
     }
     (parts.truncated(limit), true)
+}
+
+/// Records of a zone transfer put in one message, by their size alone
+/// (names uncompressed): with the header, question and OPT the message
+/// stays under the 65,535 bytes a TCP message can have.
+const TRANSFER_MESSAGE: usize = 60_000;
+
+/// A zone transfer's answer as one message if it fits, else as several,
+/// each with the question and up to `TRANSFER_MESSAGE` bytes of records,
+/// in order (the SOA first in the first, last in the last).
+fn encode_transfer(request: &MessageRequest, answer: &Answer) -> (Vec<u8>, Vec<Vec<u8>>) {
+    let edns = response_edns(request);
+    let parts = Parts::of(request, answer, edns.as_ref());
+    if let Some(bytes) = parts.try_emit(answer, false, u16::MAX) {
+        return (bytes, Vec::new());
+    }
+    let mut messages = Vec::new();
+    for records in transfer_chunks(&answer.answers) {
+        let chunk = Answer {
+            authoritative: answer.authoritative,
+            answers: records.to_vec(),
+            ..Answer::error(answer.rcode)
+        };
+        match parts.try_emit(&chunk, false, u16::MAX) {
+            Some(bytes) => messages.push(bytes),
+            // A single record too large for a message: nothing can carry it.
+            None => {
+                return (
+                    encode_header_only(&request.metadata, ResponseCode::ServFail),
+                    Vec::new(),
+                );
+            }
+        }
+    }
+    let mut messages = messages.into_iter();
+    let first = messages.next().unwrap_or_default();
+    (first, messages.collect())
+}
+
+/// `records` cut into runs of at most `TRANSFER_MESSAGE` bytes each (a
+/// record larger than that alone in its run).
+fn transfer_chunks(records: &[hickory_proto::rr::Record]) -> Vec<&[hickory_proto::rr::Record]> {
+    let mut chunks = Vec::new();
+    let (mut start, mut size) = (0, 0);
+    let mut scratch = Vec::new();
+    for (at, record) in records.iter().enumerate() {
+        scratch.clear();
+        let mut encoder = BinEncoder::new(&mut scratch);
+        let length = match record.emit(&mut encoder) {
+            Ok(()) => scratch.len(),
+            Err(_) => TRANSFER_MESSAGE,
+        };
+        if at > start && size + length > TRANSFER_MESSAGE {
+            chunks.push(&records[start..at]);
+            (start, size) = (at, 0);
+        }
+        size += length;
+    }
+    if start < records.len() {
+        chunks.push(&records[start..]);
+    }
+    chunks
 }
 
 /// `answer` as an empty reply with TC set (an RRL "slip").
