@@ -146,14 +146,9 @@ impl Batch {
             iov_len: RECV_BUFFER,
         });
         let mut headers: [libc::mmsghdr; BATCH] = std::array::from_fn(|i| {
-            // SAFETY: all zeroes is a valid empty header; the fields set
-            // below point at buffers that outlive the call.
-            let mut header: libc::mmsghdr = unsafe { std::mem::zeroed() };
-            header.msg_hdr.msg_name = (&raw mut self.sources[i]).cast();
-            header.msg_hdr.msg_namelen = size_of::<libc::sockaddr_storage>() as u32;
-            header.msg_hdr.msg_iov = &raw mut iovecs[i];
-            header.msg_hdr.msg_iovlen = 1;
-            header
+            let name = (&raw mut self.sources[i]).cast();
+            let name_len = size_of::<libc::sockaddr_storage>() as u32;
+            message_header(name, name_len, &raw mut iovecs[i])
         });
         // SAFETY: `headers` holds BATCH valid headers whose name and iovec
         // pointers refer to `self.sources` and `self.queries`, which live
@@ -212,17 +207,14 @@ impl Batch {
                 iov_len: answer.len(),
             }
         });
-        let mut headers: [libc::mmsghdr; BATCH] = std::array::from_fn(|i| {
-            // SAFETY: as in `receive`; sendmmsg only reads the name and
-            // the buffers.
-            let mut header: libc::mmsghdr = unsafe { std::mem::zeroed() };
-            if let Some((_, destination)) = pending.get(i) {
-                header.msg_hdr.msg_name = destination.as_ptr().cast_mut().cast();
-                header.msg_hdr.msg_namelen = destination.len();
-                header.msg_hdr.msg_iov = &raw mut iovecs[i];
-                header.msg_hdr.msg_iovlen = 1;
+        // sendmmsg only reads the names and the buffers; the headers past
+        // `pending` are not sent.
+        let mut headers: [libc::mmsghdr; BATCH] = std::array::from_fn(|i| match pending.get(i) {
+            Some((_, destination)) => {
+                let name = destination.as_ptr().cast_mut().cast();
+                message_header(name, destination.len(), &raw mut iovecs[i])
             }
-            header
+            None => message_header(std::ptr::null_mut(), 0, std::ptr::null_mut()),
         });
         // SAFETY: the first `pending.len()` headers point at answer buffers
         // and destination addresses owned by `self`, alive and unchanged
@@ -240,6 +232,23 @@ impl Batch {
         }
         Ok(sent as usize)
     }
+}
+
+/// The header of one datagram for `recvmmsg`/`sendmmsg`: its address
+/// (`name`, `name_len` bytes) and its one buffer (`iovec`). The pointers
+/// must stay valid until the call that uses the header returns.
+fn message_header(
+    name: *mut libc::c_void,
+    name_len: libc::socklen_t,
+    iovec: *mut libc::iovec,
+) -> libc::mmsghdr {
+    // SAFETY: all zeroes is a valid empty header.
+    let mut header: libc::mmsghdr = unsafe { std::mem::zeroed() };
+    header.msg_hdr.msg_name = name;
+    header.msg_hdr.msg_namelen = name_len;
+    header.msg_hdr.msg_iov = iovec;
+    header.msg_hdr.msg_iovlen = usize::from(!iovec.is_null());
+    header
 }
 
 /// The IPv4 or IPv6 address the kernel wrote into `source`.
