@@ -2,7 +2,7 @@
 //! `max_connections` connections open at once (more wait in the kernel's
 //! backlog), a connection's first bytes and every request head due within
 //! `header_read_timeout` (which also ends idle keep-alive connections: an
-//! h2c connection that starts no request for that long gets a GOAWAY),
+//! h2c connection with no stream open for that long gets a GOAWAY),
 //! HTTP/1.1 and h2c with upgrades,
 //! and on shutdown no new connections and a drain of those open, bounded by
 //! `drain`. Plain HTTP/1.1 requests (no body, no upgrade) are served by
@@ -22,7 +22,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -135,7 +135,7 @@ pub(crate) fn parsed_field_value(value: Bytes) -> HeaderValue {
 /// hyper (a body of type `Incoming`) or muster's own (`h1::PlainBody`).
 /// The future is the handler's own type, not boxed.
 pub trait Handler: Clone + Send + Sync + 'static {
-    type Body: Body<Data: Send, Error: Into<BoxError>> + Send + 'static;
+    type Body: Body<Data: Send, Error: Into<BoxError>> + Send + Unpin + 'static;
 
     fn handle<B>(&self, request: Request<B>) -> impl Future<Output = Response<Self::Body>> + Send
     where
@@ -250,12 +250,12 @@ impl Connection {
         }
     }
 
-    /// Serves an h2c connection. One that starts no request for
+    /// Serves an h2c connection. One with no stream open for
     /// `head_timeout` is asked to close, as an idle HTTP/1 connection is:
-    /// a GOAWAY, after which the streams still open finish.
+    /// a GOAWAY, after which a stream that raced it still finishes.
     async fn serve_h2c<H: Handler>(self, stream: TcpStream, handler: H) {
         let activity = Arc::new(Activity::new());
-        let service = hyper_service(handler, Some(activity.clone()));
+        let service = h2c_service(handler, activity.clone());
         let connection = self
             .hyper
             .http2
@@ -267,8 +267,9 @@ impl Connection {
                 _ = connection.as_mut() => return,
                 () = self.shutdown.cancelled() => break,
                 () = idle.as_mut() => {
-                    let deadline = activity.last() + self.head_timeout;
-                    if Instant::now() >= deadline {
+                    let now = Instant::now();
+                    let deadline = activity.idle_since().unwrap_or(now) + self.head_timeout;
+                    if now >= deadline {
                         break;
                     }
                     idle.as_mut().reset(deadline);
@@ -291,7 +292,7 @@ impl Connection {
         let stopping = self.shutdown.is_cancelled();
         http1.keep_alive(!stopping);
         let connection = http1
-            .serve_connection(TokioIo::new(rest), hyper_service(handler, None))
+            .serve_connection(TokioIo::new(rest), hyper_service(handler))
             .with_upgrades();
         let mut connection = pin!(connection);
         if !stopping {
@@ -304,10 +305,12 @@ impl Connection {
     }
 }
 
-/// When a connection last started a request.
+/// An h2c connection's streams: how many are open, and when the last one
+/// ended (or the connection opened).
 struct Activity {
     opened: Instant,
-    /// Milliseconds from `opened` to the last request's start.
+    open: AtomicUsize,
+    /// Milliseconds from `opened` to when the last stream ended.
     last: AtomicU64,
 }
 
@@ -315,24 +318,68 @@ impl Activity {
     fn new() -> Self {
         Self {
             opened: Instant::now(),
+            open: AtomicUsize::new(0),
             last: AtomicU64::new(0),
         }
     }
 
-    fn touch(&self) {
-        let millis = u64::try_from(self.opened.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last.store(millis, Ordering::Relaxed);
+    /// A stream begins; it ends when what this returns is dropped.
+    fn start(self: &Arc<Self>) -> OpenStream {
+        self.open.fetch_add(1, Ordering::Relaxed);
+        OpenStream(self.clone())
     }
 
-    fn last(&self) -> Instant {
-        self.opened + Duration::from_millis(self.last.load(Ordering::Relaxed))
+    /// Since when no stream has been open; `None` while one is.
+    fn idle_since(&self) -> Option<Instant> {
+        if self.open.load(Ordering::Relaxed) > 0 {
+            return None;
+        }
+        Some(self.opened + Duration::from_millis(self.last.load(Ordering::Relaxed)))
     }
 }
 
-/// `handler` as hyper calls it, noting each request in `activity`.
+/// One open stream of an h2c connection: its handler's work and then its
+/// response body.
+struct OpenStream(Arc<Activity>);
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        let activity = &self.0;
+        let millis = u64::try_from(activity.opened.elapsed().as_millis()).unwrap_or(u64::MAX);
+        activity.last.store(millis, Ordering::Relaxed);
+        activity.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A response body that keeps its stream counted as open until it ends.
+struct Counted<B> {
+    body: B,
+    _open: OpenStream,
+}
+
+impl<B: Body + Unpin> Body for Counted<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<B::Data>, B::Error>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// `handler` as hyper calls it.
 fn hyper_service<H: Handler>(
     handler: H,
-    activity: Option<Arc<Activity>>,
 ) -> impl Service<
     Request<Incoming>,
     Response = Response<H::Body>,
@@ -340,11 +387,28 @@ fn hyper_service<H: Handler>(
     Future: Send + 'static,
 > + Clone {
     service_fn(move |request: Request<Incoming>| {
-        if let Some(activity) = &activity {
-            activity.touch();
-        }
         let handler = handler.clone();
         async move { Ok::<_, Infallible>(handler.handle(request).await) }
+    })
+}
+
+/// `handler` as hyper's HTTP/2 server calls it, each stream counted in
+/// `activity` from its request until its response body ends.
+fn h2c_service<H: Handler>(
+    handler: H,
+    activity: Arc<Activity>,
+) -> impl Service<
+    Request<Incoming>,
+    Response = Response<Counted<H::Body>>,
+    Error = Infallible,
+    Future: Send + 'static,
+> + Clone {
+    service_fn(move |request: Request<Incoming>| {
+        let (handler, open) = (handler.clone(), activity.start());
+        async move {
+            let response = handler.handle(request).await;
+            Ok::<_, Infallible>(response.map(|body| Counted { body, _open: open }))
+        }
     })
 }
 
@@ -464,6 +528,71 @@ mod tests {
         // GOAWAY and the connection ends.
         let ended = tokio::time::timeout(DEADLINE, connection).await;
         assert!(ended.is_ok(), "the idle h2c connection stays open");
+    }
+
+    /// Answers `/open` with a body that never ends, anything else `hi`.
+    #[derive(Clone)]
+    struct Streams;
+
+    /// A body with no end.
+    struct Endless;
+
+    impl Body for Endless {
+        type Data = Bytes;
+        type Error = Infallible;
+
+        fn poll_frame(
+            self: std::pin::Pin<&mut Self>,
+            _cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+            std::task::Poll::Pending
+        }
+    }
+
+    impl Handler for Streams {
+        type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+        async fn handle<B>(&self, request: Request<B>) -> Response<Self::Body> {
+            use http_body_util::BodyExt;
+            match request.uri().path() {
+                "/open" => Response::new(Endless.boxed()),
+                _ => Response::new(Full::new(Bytes::from_static(b"hi")).boxed()),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn an_h2c_connection_with_a_stream_open_is_not_idle() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let serving = serve(
+            listener,
+            LIMITS,
+            CancellationToken::new(),
+            "test",
+            |_, _| Streams,
+        );
+        tokio::spawn(serving);
+        let stream = TcpStream::connect(addr).await.unwrap();
+        let (mut client, connection) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                .await
+                .unwrap();
+        tokio::spawn(connection);
+        let get = |path: &str| {
+            let uri = format!("http://x{path}");
+            Request::get(uri)
+                .body(http_body_util::Empty::<Bytes>::new())
+                .unwrap()
+        };
+        let open = client.send_request(get("/open")).await.unwrap();
+        assert_eq!(open.status(), 200);
+        // Well past the header timeout (300 ms) with only that stream open:
+        // the connection must still take a new request.
+        tokio::time::sleep(3 * LIMITS.header_read_timeout).await;
+        let response = client.send_request(get("/")).await;
+        assert_eq!(response.expect("refused: told to go away").status(), 200);
+        drop(open);
     }
 
     #[tokio::test]

@@ -61,7 +61,11 @@ pub fn init(log: &LogConfig) {
     if installed.is_ok() {
         // Span and field directives (`target[span{field=value}]=level`)
         // can only be matched against a tracing event.
-        let directives = std::env::var("RUST_LOG").unwrap_or_else(|_| log.level.clone());
+        // The directives `filter` used: RUST_LOG's when they parse.
+        let directives = match EnvFilter::try_from_default_env() {
+            Ok(_) => std::env::var("RUST_LOG").unwrap_or_default(),
+            Err(_) => log.level.clone(),
+        };
         let text = matches!(log.format, LogFormat::Text);
         access::write_directly(text && !colours && !directives.contains('['));
     }

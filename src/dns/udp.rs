@@ -247,7 +247,7 @@ fn message_header(
     header.msg_hdr.msg_name = name;
     header.msg_hdr.msg_namelen = name_len;
     header.msg_hdr.msg_iov = iovec;
-    header.msg_hdr.msg_iovlen = usize::from(!iovec.is_null());
+    header.msg_hdr.msg_iovlen = if iovec.is_null() { 0 } else { 1 };
     header
 }
 

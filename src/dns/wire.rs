@@ -194,25 +194,42 @@ fn encode_transfer(request: &MessageRequest, answer: &Answer) -> (Vec<u8>, Vec<V
     }
     let mut messages = Vec::new();
     for records in transfer_chunks(&answer.answers) {
-        let chunk = Answer {
-            authoritative: answer.authoritative,
-            answers: records.to_vec(),
-            ..Answer::error(answer.rcode)
-        };
-        match parts.try_emit(&chunk, false, u16::MAX) {
-            Some(bytes) => messages.push(bytes),
-            // A single record too large for a message: nothing can carry it.
-            None => {
-                return (
-                    encode_header_only(&request.metadata, ResponseCode::ServFail),
-                    Vec::new(),
-                );
-            }
+        if !emit_transfer_chunk(&parts, answer, records, &mut messages) {
+            // A record too large for any message: nothing can carry it.
+            let failure = encode_header_only(&request.metadata, ResponseCode::ServFail);
+            return (failure, Vec::new());
         }
     }
     let mut messages = messages.into_iter();
     let first = messages.next().unwrap_or_default();
     (first, messages.collect())
+}
+
+/// Adds `records` to `messages` as one message, or, when they do not fit
+/// (compression inside a message can save less than it did for each
+/// record alone), as two halves, and so on; false if one record alone
+/// does not fit.
+fn emit_transfer_chunk(
+    parts: &Parts<'_>,
+    answer: &Answer,
+    records: &[hickory_proto::rr::Record],
+    messages: &mut Vec<Vec<u8>>,
+) -> bool {
+    let chunk = Answer {
+        authoritative: answer.authoritative,
+        answers: records.to_vec(),
+        ..Answer::error(answer.rcode)
+    };
+    if let Some(bytes) = parts.try_emit(&chunk, false, u16::MAX) {
+        messages.push(bytes);
+        return true;
+    }
+    if records.len() < 2 {
+        return false;
+    }
+    let (front, back) = records.split_at(records.len() / 2);
+    emit_transfer_chunk(parts, answer, front, messages)
+        && emit_transfer_chunk(parts, answer, back, messages)
 }
 
 /// `records` cut into runs of at most `TRANSFER_MESSAGE` bytes each (a
@@ -347,5 +364,52 @@ impl EmitAndCount for RawQuestion<'_> {
     fn emit(&mut self, encoder: &mut BinEncoder<'_>) -> Result<usize, ProtoError> {
         encoder.emit_vec(self.0)?;
         Ok(self.1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use hickory_proto::op::{Message, Query};
+    use hickory_proto::rr::rdata::CNAME;
+    use hickory_proto::rr::{Name, RData, Record};
+
+    use super::*;
+
+    /// Records that each compress well alone (the target is the owner)
+    /// but not in a long message, where hickory keeps no more names to
+    /// point at: the first cut by size is too large and must be halved.
+    #[test]
+    fn a_transfer_whose_records_compress_less_together_is_cut_smaller() {
+        let label = "a".repeat(58);
+        let records: Vec<Record> = (0..1000)
+            .map(|n| {
+                let text = format!("r{n}{label}.{label}.{label}.example.internal.");
+                let name = Name::from_ascii(text).unwrap();
+                Record::from_rdata(name.clone(), 60, RData::CNAME(CNAME(name)))
+            })
+            .collect();
+        let answer = Answer {
+            authoritative: true,
+            answers: records.clone(),
+            ..Answer::error(ResponseCode::NoError)
+        };
+        let mut query = Message::query();
+        let zone = Name::from_ascii("example.internal.").unwrap();
+        query.add_query(Query::query(zone, RecordType::AXFR));
+        let bytes = query.to_vec().unwrap();
+        let peer = "127.0.0.1:5353".parse().unwrap();
+        let request = Request::from_bytes(bytes, peer, Protocol::Tcp).unwrap();
+        let (first, more) = encode_transfer(&request, &answer);
+        let mut received = Vec::new();
+        for message in std::iter::once(&first).chain(&more) {
+            assert!(message.len() <= usize::from(u16::MAX));
+            let message = Message::from_vec(message).expect("a well-formed message");
+            assert_eq!(message.metadata.response_code, ResponseCode::NoError);
+            received.extend(message.answers.iter().map(|r| r.name.clone()));
+        }
+        let sent: Vec<Name> = records.iter().map(|r| r.name.clone()).collect();
+        assert_eq!(received, sent, "every record, in order");
+        // The cut by size alone would have made fewer, too large messages.
+        assert!(more.len() + 1 > transfer_chunks(&answer.answers).len());
     }
 }

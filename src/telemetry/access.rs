@@ -53,14 +53,14 @@ impl Access<'_> {
     /// Logs the request at `info` on [`ACCESS_TARGET`], when the filter
     /// lets that through.
     pub fn log(&self) {
-        if !tracing::enabled!(target: ACCESS_TARGET, tracing::Level::INFO) {
-            return;
+        if !DIRECT.load(Ordering::Relaxed) {
+            // The event filters itself (field directives included).
+            return self.event();
         }
-        if DIRECT.load(Ordering::Relaxed) {
+        // Only target and level directives here, which this asks exactly.
+        if tracing::enabled!(target: ACCESS_TARGET, tracing::Level::INFO) {
             let line = self.line(SystemTime::now());
             let _ = std::io::stderr().write_all(line.as_bytes());
-        } else {
-            self.event();
         }
     }
 
