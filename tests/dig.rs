@@ -151,20 +151,7 @@ async fn dig_gets_tc_over_udp_and_everything_over_tcp() {
 #[tokio::test]
 #[ignore = "needs dig"]
 async fn dig_transfers_an_allowed_static_zone() {
-    let zones = tempfile::tempdir().unwrap();
-    std::fs::write(
-        zones.path().join("example.internal.zone"),
-        "$TTL 60\n@ IN SOA ns hostmaster 7 3600 600 86400 30\n@ IN NS ns\nns IN A 127.0.0.1\nwww IN A 10.8.0.1\n",
-    )
-    .unwrap();
-    let mut config = support::test_config();
-    config.zones_dir = zones.path().to_path_buf();
-    config.dns.transfers = [(
-        "example.internal".to_string(),
-        vec!["127.0.0.0/8".parse().unwrap()],
-    )]
-    .into();
-    let muster = support::start_with(config).await;
+    let (muster, _zones) = support::start_with_transferable_zone("www IN A 10.8.0.1\n").await;
     let axfr = dig(&muster, &["example.internal", "AXFR"]).await;
     let records: Vec<&str> = axfr
         .lines()
@@ -182,22 +169,7 @@ async fn dig_transfers_an_allowed_static_zone() {
 #[tokio::test]
 #[ignore = "needs dig"]
 async fn dig_transfers_a_zone_too_large_for_one_message() {
-    let zones = tempfile::tempdir().unwrap();
-    let mut text = String::from(
-        "$TTL 60\n@ IN SOA ns hostmaster 7 3600 600 86400 30\n@ IN NS ns\nns IN A 127.0.0.1\n",
-    );
-    for n in 0..3000 {
-        text.push_str(&format!("t{n} IN TXT \"{}\"\n", "x".repeat(100)));
-    }
-    std::fs::write(zones.path().join("example.internal.zone"), text).unwrap();
-    let mut config = support::test_config();
-    config.zones_dir = zones.path().to_path_buf();
-    config.dns.transfers = [(
-        "example.internal".to_string(),
-        vec!["127.0.0.0/8".parse().unwrap()],
-    )]
-    .into();
-    let muster = support::start_with(config).await;
+    let (muster, _zones) = support::start_with_transferable_zone(&support::txt_records(3000)).await;
     let axfr = dig(&muster, &["example.internal", "AXFR"]).await;
     let records: Vec<&str> = axfr
         .lines()

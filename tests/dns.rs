@@ -9,7 +9,7 @@ use std::net::IpAddr;
 use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
 use hickory_proto::rr::{Name, RData, RecordType};
 use serde_json::json;
-use support::{Muster, exchange_udp, instance, query, query_tcp, query_udp, start};
+use support::{EXAMPLE_ZONE, Muster, exchange_udp, instance, query, query_tcp, query_udp, start};
 
 #[derive(Clone, Copy, Debug)]
 enum Transport {
@@ -553,9 +553,6 @@ async fn ttls_follow_the_config() {
     assert_eq!(missing.authorities[0].ttl, 2);
     muster.stop().await;
 }
-
-const EXAMPLE_ZONE: &str =
-    "$TTL 60\n@ IN SOA ns hostmaster 1 3600 600 86400 30\n@ IN NS ns\nns IN A 127.0.0.1\n";
 
 #[tokio::test]
 async fn zones_reload_while_serving_and_a_bad_reload_keeps_the_old_zones() {
@@ -1270,21 +1267,8 @@ async fn queries_over_ipv6_are_answered_to_their_ipv6_sender() {
 #[tokio::test]
 async fn a_zone_too_large_for_one_message_transfers_in_several() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let zones = tempfile::tempdir().unwrap();
-    // 3,000 TXT records of 100 bytes: about 350 KB, six messages or so.
-    let mut text = EXAMPLE_ZONE.to_string();
-    for n in 0..3000 {
-        text.push_str(&format!("t{n} IN TXT \"{}\"\n", "x".repeat(100)));
-    }
-    std::fs::write(zones.path().join("example.internal.zone"), text).unwrap();
-    let mut config = support::test_config();
-    config.zones_dir = zones.path().to_path_buf();
-    config.dns.transfers = [(
-        "example.internal".to_string(),
-        vec!["127.0.0.0/8".parse().unwrap()],
-    )]
-    .into();
-    let muster = support::start_with(config).await;
+    // About 350 KB: six messages or so.
+    let (muster, _zones) = support::start_with_transferable_zone(&support::txt_records(3000)).await;
     let request = query("example.internal.", RecordType::AXFR, None);
     let bytes = request.to_vec().unwrap();
     let mut stream = tokio::net::TcpStream::connect(muster.dns).await.unwrap();

@@ -38,6 +38,37 @@ pub fn repo_zones() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("zones")
 }
 
+/// The head of the static zone `example.internal.`: its SOA, NS and the
+/// name server's address.
+pub const EXAMPLE_ZONE: &str =
+    "$TTL 60\n@ IN SOA ns hostmaster 1 3600 600 86400 30\n@ IN NS ns\nns IN A 127.0.0.1\n";
+
+/// A muster serving [`EXAMPLE_ZONE`] followed by `records` (zone-file
+/// lines) as a static zone that loopback peers may transfer. The zone's
+/// directory lasts as long as the returned one.
+pub async fn start_with_transferable_zone(records: &str) -> (Muster, tempfile::TempDir) {
+    let zones = tempfile::tempdir().unwrap();
+    let text = format!("{EXAMPLE_ZONE}{records}");
+    std::fs::write(zones.path().join("example.internal.zone"), text).unwrap();
+    let mut config = test_config();
+    config.zones_dir = zones.path().to_path_buf();
+    config.dns.transfers = [(
+        "example.internal".to_string(),
+        vec!["127.0.0.0/8".parse().unwrap()],
+    )]
+    .into();
+    (start_with(config).await, zones)
+}
+
+/// `count` TXT records of 100 bytes each, as zone-file lines (3,000 make
+/// a zone of about 350 KB, too large for one DNS message).
+pub fn txt_records(count: usize) -> String {
+    let text = "x".repeat(100);
+    (0..count)
+        .map(|n| format!("t{n} IN TXT \"{text}\"\n"))
+        .collect()
+}
+
 /// A config on ephemeral loopback ports with the repository's zones.
 pub fn test_config() -> Config {
     let mut config = Config::default();
