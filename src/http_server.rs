@@ -18,7 +18,6 @@ pub use h1::feed_requests;
 
 use std::convert::Infallible;
 use std::error::Error as StdError;
-use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::pin;
@@ -114,6 +113,15 @@ impl ConnectionSlot {
 /// value never holds a line break. `parsed_field_value` relies on this.
 pub(crate) fn field_parser() -> httparse::ParserConfig {
     httparse::ParserConfig::default()
+}
+
+/// Writes the field line `name: value` (CRLF-ended), as muster's own
+/// HTTP/1 code sends fields.
+pub(crate) fn write_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
 }
 
 /// A field value `field_parser` has parsed, sharing its bytes; an ASCII

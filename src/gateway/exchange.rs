@@ -40,7 +40,7 @@ use tokio::net::TcpStream;
 
 use super::headers::is_hop_by_hop;
 use super::proxy::BoxError;
-use crate::http_server::{field_parser, parsed_field_value};
+use crate::http_server::{field_parser, parsed_field_value, write_field};
 
 /// Most fields in a response head (hyper's limit too).
 const MAX_FIELDS: usize = 100;
@@ -213,10 +213,7 @@ fn encode_head(out: &mut Vec<u8>, request: &request::Parts) {
         if name == header::TRANSFER_ENCODING {
             continue;
         }
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        write_field(out, name.as_str().as_bytes(), value.as_bytes());
     }
     out.extend_from_slice(b"\r\n");
 }
@@ -353,7 +350,8 @@ fn parse_head(input: &mut BytesMut, method: &Method) -> Result<Option<Head>, Exc
         spans.push((span(field.name.as_bytes()), span(field.value), kind));
     }
     let head = input.split_to(length).freeze();
-    let mut headers = HeaderMap::with_capacity(spans.len());
+    // Room for the request id the proxy adds.
+    let mut headers = HeaderMap::with_capacity(spans.len() + 1);
     for ((name_from, name_to), (value_from, value_to), kind) in spans {
         if kind.is_some_and(|kind| !own.passes(kind)) {
             continue;

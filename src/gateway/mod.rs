@@ -23,7 +23,6 @@ mod watched;
 #[doc(hidden)]
 pub use exchange::feed_response;
 
-use std::future::Future;
 use std::io;
 use std::net::IpAddr;
 use std::sync::Arc;

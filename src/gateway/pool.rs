@@ -32,7 +32,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::exchange::{Connection, ExchangeError, exchange};
-use super::proxy::{Body, BoxError, is_idempotent};
+use super::proxy::{Body, BoxError};
 use super::watched::{Ending, Watched, Watcher};
 
 /// Why an upstream request got no response.
@@ -216,15 +216,16 @@ impl Http1Pool {
     /// [`Self::send`] for a request without a body (and no upgrade),
     /// through muster's own exchange, which only borrows the head. A
     /// reused connection that gives no answer at all was most likely
-    /// closed by the upstream as the request went: an idempotent request
-    /// goes again, once, on a new connection (the upstream may have acted
-    /// on it, and its other idle connections are likely closed too).
+    /// closed by the upstream as the request went: a `repeatable`
+    /// (idempotent) request goes again, once, on a new connection (the
+    /// upstream may have acted on it, and its other idle connections are
+    /// likely closed too).
     pub async fn send_bare(
         &self,
         authority: &Authority,
         request: &Parts,
+        repeatable: bool,
     ) -> Result<Response<Body>, SendError> {
-        let repeatable = is_idempotent(&request.method);
         let mut fresh_only = false;
         loop {
             let idle = match fresh_only {

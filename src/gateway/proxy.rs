@@ -184,7 +184,7 @@ fn request_host<B>(request: &Request<B>) -> Option<&str> {
         .or_else(|| request.uri().authority().map(|a| a.as_str()))
 }
 
-pub(super) fn is_idempotent(method: &Method) -> bool {
+fn is_idempotent(method: &Method) -> bool {
     matches!(
         *method,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
@@ -255,7 +255,7 @@ where
     let attempts = if replayable { 1 + route.retries } else { 1 };
     let mut bare = match &upstream.client {
         UpstreamClient::Http1(pool) if replayable && !upgrade => {
-            Some(BareRequest::new(pool, &mut parts, &path))
+            Some(BareRequest::new(pool, &mut parts, &path, retryable_method))
         }
         _ => None,
     };
@@ -387,11 +387,13 @@ struct BareRequest<'a> {
     head: Parts,
     /// The client named no host: each attempt names its instance.
     host_per_instance: bool,
+    /// It may be sent again when a reused connection gives no answer.
+    repeatable: bool,
 }
 
 impl<'a> BareRequest<'a> {
     /// Takes the method and the (prepared) headers from `parts`.
-    fn new(pool: &'a Http1Pool, parts: &mut Parts, path: &PathAndQuery) -> Self {
+    fn new(pool: &'a Http1Pool, parts: &mut Parts, path: &PathAndQuery, repeatable: bool) -> Self {
         let mut head = Request::new(()).into_parts().0;
         head.method = parts.method.clone();
         head.uri = Uri::from(path.clone());
@@ -401,6 +403,7 @@ impl<'a> BareRequest<'a> {
             pool,
             head,
             host_per_instance,
+            repeatable,
         }
     }
 
@@ -410,7 +413,7 @@ impl<'a> BareRequest<'a> {
         if !self.host_per_instance {
             return true;
         }
-        let Ok(host) = HeaderValue::from_str(authority.as_str()) else {
+        let Some(host) = host_of(authority) else {
             return false;
         };
         self.head.headers.insert(header::HOST, host);
@@ -418,8 +421,15 @@ impl<'a> BareRequest<'a> {
     }
 
     async fn send(&self, authority: &Authority) -> Result<Response<Body>, SendError> {
-        self.pool.send_bare(authority, &self.head).await
+        let pool = self.pool;
+        pool.send_bare(authority, &self.head, self.repeatable).await
     }
+}
+
+/// The Host field naming the instance at `authority`; `None` if it cannot
+/// be one.
+fn host_of(authority: &Authority) -> Option<HeaderValue> {
+    HeaderValue::from_str(authority.as_str()).ok()
 }
 
 /// The request to send: HTTP/1 in origin form (`/path?query`, with Host
@@ -436,8 +446,7 @@ fn build_request(
     let version = match protocol {
         UpstreamProtocol::Http1 => {
             if !headers.contains_key(header::HOST) {
-                let host = HeaderValue::from_str(authority.as_str()).ok()?;
-                headers.insert(header::HOST, host);
+                headers.insert(header::HOST, host_of(authority)?);
             }
             Version::HTTP_11
         }

@@ -105,7 +105,7 @@ impl AsyncWrite for Prefixed {
     }
 }
 
-use super::{BoxError, Handler, field_parser, parsed_field_value};
+use super::{BoxError, Handler, field_parser, parsed_field_value, write_field};
 
 /// Serves plain requests on `stream` until the connection ends (`None`)
 /// or a request this server does not take arrives: then the stream goes
@@ -678,13 +678,6 @@ fn write_status_line(out: &mut Vec<u8>, status: StatusCode) {
     // A reason must be written: many parsers expect one.
     let reason = status.canonical_reason().unwrap_or("<none>");
     out.extend_from_slice(reason.as_bytes());
-    out.extend_from_slice(b"\r\n");
-}
-
-fn write_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
-    out.extend_from_slice(name);
-    out.extend_from_slice(b": ");
-    out.extend_from_slice(value);
     out.extend_from_slice(b"\r\n");
 }
 
