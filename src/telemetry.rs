@@ -28,24 +28,28 @@ pub use access::{ACCESS_TARGET, Access};
 /// `info`, so hickory is held to warnings unless a filter names it.
 const QUIET_HICKORY: &str = "hickory_server=warn";
 
-/// The filter for `level` (from the config) unless `RUST_LOG` is set.
-pub fn filter(level: &str) -> EnvFilter {
-    if let Ok(filter) = EnvFilter::try_from_default_env() {
-        return filter;
+/// The filter for `level` (from the config) unless `RUST_LOG` is set and
+/// parses, and the directives it was built from.
+fn filter(level: &str) -> (EnvFilter, String) {
+    if let Ok(directives) = std::env::var(EnvFilter::DEFAULT_ENV)
+        && let Ok(filter) = EnvFilter::builder().parse(&directives)
+    {
+        return (filter, directives);
     }
     let level = if level.contains("hickory") {
         level.to_string()
     } else {
         format!("{level},{QUIET_HICKORY}")
     };
-    EnvFilter::builder()
-        .parse(&level)
-        .unwrap_or_else(|_| EnvFilter::new("info"))
+    match EnvFilter::builder().parse(&level) {
+        Ok(filter) => (filter, level),
+        Err(_) => (EnvFilter::new("info"), "info".to_string()),
+    }
 }
 
 /// Installs the global subscriber; call once, before anything logs.
 pub fn init(log: &LogConfig) {
-    let filter = filter(&log.level);
+    let (filter, directives) = filter(&log.level);
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -61,11 +65,6 @@ pub fn init(log: &LogConfig) {
     if installed.is_ok() {
         // Span and field directives (`target[span{field=value}]=level`)
         // can only be matched against a tracing event.
-        // The directives `filter` used: RUST_LOG's when they parse.
-        let directives = match EnvFilter::try_from_default_env() {
-            Ok(_) => std::env::var("RUST_LOG").unwrap_or_default(),
-            Err(_) => log.level.clone(),
-        };
         let text = matches!(log.format, LogFormat::Text);
         access::write_directly(text && !colours && !directives.contains('['));
     }

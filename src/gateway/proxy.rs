@@ -26,7 +26,7 @@ use super::{ClientConnection, Gateway, Policy, UpstreamClient};
 use crate::config::UpstreamProtocol;
 use crate::telemetry::{Access, RouteLabel, RouteMeters, RouteStatus};
 
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub use crate::http_server::BoxError;
 /// Every body the gateway sends or receives, boxed.
 pub type Body = BoxBody<Bytes, BoxError>;
 
