@@ -10,7 +10,7 @@ use hickory_proto::ProtoError;
 use hickory_proto::op::{
     Edns, EmitAndCount, Header, MessageType, Metadata, OpCode, ResponseCode, emit_message_parts,
 };
-use hickory_proto::rr::RecordType;
+use hickory_proto::rr::{Record, RecordType};
 use hickory_proto::serialize::binary::{BinDecodable, BinDecoder, BinEncodable, BinEncoder};
 use hickory_server::net::xfer::Protocol;
 use hickory_server::server::Request;
@@ -72,13 +72,15 @@ pub fn respond(
         });
     };
     let question = request.queries.queries().first();
-    let transfer =
-        question.filter(|q| matches!(q.query_type(), RecordType::AXFR | RecordType::IXFR));
-    let answer = match (transfer, protocol) {
-        (Some(q), Protocol::Tcp) if request.metadata.op_code == OpCode::Query => {
-            authority.transfer(q.name(), src.ip())
-        }
-        _ => answer_request(authority, &request),
+    // A zone transfer: only a query over TCP.
+    let transfer = question.filter(|q| {
+        matches!(q.query_type(), RecordType::AXFR | RecordType::IXFR)
+            && protocol == Protocol::Tcp
+            && request.metadata.op_code == OpCode::Query
+    });
+    let answer = match transfer {
+        Some(q) => authority.transfer(q.name(), src.ip()),
+        None => answer_request(authority, &request),
     };
     let decision = match (rrl, protocol, question) {
         (Some(rrl), Protocol::Udp, Some(q)) => {
@@ -91,7 +93,7 @@ pub fn respond(
     let (bytes, more, truncated) = match decision {
         Some(Decision::Drop) => (Vec::new(), Vec::new(), false),
         Some(Decision::Slip) => (encode_truncated(&request, &answer, limit), Vec::new(), true),
-        None if transfer.is_some() && protocol == Protocol::Tcp => {
+        None if transfer.is_some() => {
             let (first, more) = encode_transfer(&request, &answer);
             (first, more, false)
         }
@@ -169,10 +171,16 @@ pub fn size_limit(request: &MessageRequest, protocol: Protocol) -> u16 {
 pub fn encode(request: &MessageRequest, answer: &Answer, limit: u16) -> (Vec<u8>, bool) {
     let edns = response_edns(request);
     let parts = Parts::of(request, answer, edns.as_ref());
-    if let Some(bytes) = parts.try_emit(answer, true, limit) {
+    let sections = (
+        &answer.answers[..],
+        &answer.authorities[..],
+        &answer.additionals[..],
+    );
+    if let Some(bytes) = parts.try_emit(sections, limit) {
         return (bytes, false);
     }
-    if let Some(bytes) = parts.try_emit(answer, false, limit) {
+    let sections = (&answer.answers[..], &answer.authorities[..], &[][..]);
+    if let Some(bytes) = parts.try_emit(sections, limit) {
         return (bytes, false);
     }
     (parts.truncated(limit), true)
@@ -189,12 +197,13 @@ const TRANSFER_MESSAGE: usize = 60_000;
 fn encode_transfer(request: &MessageRequest, answer: &Answer) -> (Vec<u8>, Vec<Vec<u8>>) {
     let edns = response_edns(request);
     let parts = Parts::of(request, answer, edns.as_ref());
-    if let Some(bytes) = parts.try_emit(answer, false, u16::MAX) {
+    let sections = (&answer.answers[..], &answer.authorities[..], &[][..]);
+    if let Some(bytes) = parts.try_emit(sections, u16::MAX) {
         return (bytes, Vec::new());
     }
     let mut messages = Vec::new();
     for records in transfer_chunks(&answer.answers) {
-        if !emit_transfer_chunk(&parts, answer, records, &mut messages) {
+        if !emit_transfer_chunk(&parts, records, &mut messages) {
             // A record too large for any message: nothing can carry it.
             let failure = encode_header_only(&request.metadata, ResponseCode::ServFail);
             return (failure, Vec::new());
@@ -209,18 +218,8 @@ fn encode_transfer(request: &MessageRequest, answer: &Answer) -> (Vec<u8>, Vec<V
 /// (compression inside a message can save less than it did for each
 /// record alone), as two halves, and so on; false if one record alone
 /// does not fit.
-fn emit_transfer_chunk(
-    parts: &Parts<'_>,
-    answer: &Answer,
-    records: &[hickory_proto::rr::Record],
-    messages: &mut Vec<Vec<u8>>,
-) -> bool {
-    let chunk = Answer {
-        authoritative: answer.authoritative,
-        answers: records.to_vec(),
-        ..Answer::error(answer.rcode)
-    };
-    if let Some(bytes) = parts.try_emit(&chunk, false, u16::MAX) {
+fn emit_transfer_chunk(parts: &Parts<'_>, records: &[Record], messages: &mut Vec<Vec<u8>>) -> bool {
+    if let Some(bytes) = parts.try_emit((records, &[], &[]), u16::MAX) {
         messages.push(bytes);
         return true;
     }
@@ -228,13 +227,12 @@ fn emit_transfer_chunk(
         return false;
     }
     let (front, back) = records.split_at(records.len() / 2);
-    emit_transfer_chunk(parts, answer, front, messages)
-        && emit_transfer_chunk(parts, answer, back, messages)
+    emit_transfer_chunk(parts, front, messages) && emit_transfer_chunk(parts, back, messages)
 }
 
 /// `records` cut into runs of at most `TRANSFER_MESSAGE` bytes each (a
 /// record larger than that alone in its run).
-fn transfer_chunks(records: &[hickory_proto::rr::Record]) -> Vec<&[hickory_proto::rr::Record]> {
+fn transfer_chunks(records: &[Record]) -> Vec<&[Record]> {
     let mut chunks = Vec::new();
     let (mut start, mut size) = (0, 0);
     let mut scratch = Vec::new();
@@ -263,6 +261,9 @@ pub fn encode_truncated(request: &MessageRequest, answer: &Answer, limit: u16) -
     Parts::of(request, answer, edns.as_ref()).truncated(limit)
 }
 
+/// A response's answer, authority and additional records.
+type Sections<'a> = (&'a [Record], &'a [Record], &'a [Record]);
+
 /// The pieces of a response that stay the same across encoding attempts.
 struct Parts<'a> {
     metadata: Metadata,
@@ -281,22 +282,17 @@ impl<'a> Parts<'a> {
         }
     }
 
-    /// The response if it fits whole (with or without additionals).
-    fn try_emit(&self, answer: &Answer, additionals: bool, limit: u16) -> Option<Vec<u8>> {
-        let empty = [];
-        let extra = if additionals {
-            &answer.additionals[..]
-        } else {
-            &empty[..]
-        };
+    /// The response with these sections, if they fit whole.
+    fn try_emit(&self, sections: Sections<'_>, limit: u16) -> Option<Vec<u8>> {
+        let (answers, authorities, extra) = sections;
         let mut bytes = Vec::with_capacity(512);
         let mut encoder = BinEncoder::new(&mut bytes);
         encoder.set_max_size(limit);
         let header = emit_message_parts(
             &self.metadata,
             &mut RawQuestion(self.question, self.count),
-            &mut answer.answers.iter(),
-            &mut answer.authorities.iter(),
+            &mut answers.iter(),
+            &mut authorities.iter(),
             &mut extra.iter(),
             self.edns,
             None,
@@ -304,8 +300,8 @@ impl<'a> Parts<'a> {
         )
         .ok()?;
         let expected_extra = extra.len() + usize::from(self.edns.is_some());
-        let whole = usize::from(header.counts.answers) == answer.answers.len()
-            && usize::from(header.counts.authorities) == answer.authorities.len()
+        let whole = usize::from(header.counts.answers) == answers.len()
+            && usize::from(header.counts.authorities) == authorities.len()
             && usize::from(header.counts.additionals) == expected_extra;
         whole.then_some(bytes)
     }
@@ -317,7 +313,7 @@ impl<'a> Parts<'a> {
         let mut bytes = Vec::with_capacity(128);
         let mut encoder = BinEncoder::new(&mut bytes);
         encoder.set_max_size(limit);
-        let none: [hickory_proto::rr::Record; 0] = [];
+        let none: [Record; 0] = [];
         let emitted = emit_message_parts(
             &metadata,
             &mut RawQuestion(self.question, self.count),
@@ -340,7 +336,7 @@ fn encode_header_only(request: &Metadata, rcode: ResponseCode) -> Vec<u8> {
     let mut metadata = Metadata::response_from_request(request);
     metadata.response_code = rcode;
     let mut bytes = Vec::with_capacity(12);
-    let none: [hickory_proto::rr::Record; 0] = [];
+    let none: [Record; 0] = [];
     let mut encoder = BinEncoder::new(&mut bytes);
     // Twelve bytes always fit: nothing here can fail.
     let _ = emit_message_parts(
